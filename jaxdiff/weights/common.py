@@ -64,7 +64,7 @@ class WeightsMismatchError(ValueError):
 
 
 def torch_key_to_module_path(key: str) -> tuple[tuple[str, ...], str]:
-    """Split ``a.b.0.c.weight`` into the Flax module path ``(a, b_0, c)`` and the leaf ``weight``."""
+    """Split ``a.b.0.c.weight`` into the module path ``(a, b_0, c)`` and the leaf ``weight``."""
     parts = key.split(".")
     path: list[str] = []
     for part in parts[:-1]:
