@@ -1,0 +1,228 @@
+"""The training state and one pure training step of latent diffusion.
+
+``train_step(state, batch, rng) -> (state, metrics)``: VAE-encode pixels (or
+take cached latents), draw timesteps and noise, form x_t with ``add_noise``,
+predict with the UNet under the (possibly dropped) text condition, regress
+onto the epsilon / v / x0 target with optional min-SNR-gamma weights, and
+apply an optax update to the trainable networks, then the EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxdiff import schedules
+from jaxdiff.models.sd import SDConfig, apply_unet, encode_images, encode_text
+from jaxdiff.train import optim
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a run carries from step to step (all arrays: checkpointable as is).
+
+    Attributes:
+      step: int32 scalar, optimiser steps taken.
+      params: ``{"unet", "vae", "text_encoder"}`` fp32 master weights.
+      ema_params: EMA of the trainable networks (``{}`` when EMA is off).
+      opt_state: optax state over the trainable networks.
+      rng: the run's base PRNG key; each step folds in ``step``.
+    """
+
+    step: jax.Array
+    params: dict
+    ema_params: dict
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static choices of the training step (hashable).
+
+    Attributes:
+      trainable: top-level networks that train, e.g. ``("unet",)``.
+      compute_dtype: activations' dtype (params stay fp32), e.g. ``jnp.bfloat16``.
+      snr_gamma: min-SNR-gamma weighting (None: plain MSE).
+      noise_offset: offset-noise strength (0: off).
+      cond_dropout: probability of replacing the caption by the empty prompt.
+      null_ids: token ids of the empty prompt, used for dropped captions.
+      ema_decay: max EMA decay (None: no EMA).
+      ema_warmup: ramp the EMA decay up as (1 + step) / (10 + step).
+      remat: rematerialise UNet blocks in the backward pass.
+      sample_posterior: sample the VAE posterior (diffusers' training) instead of its mode.
+    """
+
+    trainable: tuple[str, ...] = ("unet",)
+    compute_dtype: Any = jnp.float32
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    cond_dropout: float = 0.0
+    null_ids: tuple[int, ...] = ()
+    ema_decay: float | None = 0.9999
+    ema_warmup: bool = True
+    remat: bool = False
+    sample_posterior: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
+        if self.cond_dropout > 0 and not self.null_ids:
+            raise ValueError("cond_dropout > 0 needs null_ids (the empty prompt's token ids)")
+
+
+def init_state(
+    params: dict, tx: optax.GradientTransformation, step_cfg: StepConfig, rng
+) -> TrainState:
+    """A fresh TrainState (jit it with out_shardings for a sharded init)."""
+    trainable = optim.select(params, step_cfg.trainable)
+    ema = jax.tree.map(jnp.copy, trainable) if step_cfg.ema_decay is not None else {}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=ema,
+        opt_state=tx.init(trainable),
+        rng=rng,
+    )
+
+
+def diffusion_loss(
+    trainable: dict,
+    frozen: dict,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    config: SDConfig,
+    step_cfg: StepConfig,
+    alphas_cumprod: jax.Array,
+    prediction_type: str,
+) -> tuple[jax.Array, dict]:
+    """Mean (weighted) squared error of the network output against its target.
+
+    Args:
+      trainable, frozen: the two halves of the params dict.
+      batch: ``{"input_ids": [B, L] int}`` and either ``"pixels"`` [B, H, W, 3] in
+        [-1, 1] or ``"latents"`` [B, h, w, C] (already scaled).
+      rng: this step's key.
+
+    Returns:
+      ``(loss, aux)`` with per-batch diagnostics.
+    """
+    params = {**frozen, **trainable}
+    dtype = step_cfg.compute_dtype
+    k_lat, k_noise, k_off, k_t, k_drop = jax.random.split(rng, 5)
+    if "latents" in batch:
+        latents = batch["latents"].astype(jnp.float32)
+    else:
+        key = k_lat if step_cfg.sample_posterior else None
+        latents = encode_images(params["vae"], batch["pixels"], config, key, dtype)
+    latents = jax.lax.stop_gradient(latents)
+    b = latents.shape[0]
+
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    if step_cfg.noise_offset:
+        # Offset noise (Guttenberg 2023): a per-channel constant shift lets the model
+        # change an image's mean brightness, which pure white noise never teaches.
+        noise = noise + step_cfg.noise_offset * jax.random.normal(
+            k_off, (b, 1, 1, latents.shape[-1]), jnp.float32
+        )
+    t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+    x_t = schedules.add_noise(latents, noise, t, alphas_cumprod)
+
+    ids = batch["input_ids"]
+    if step_cfg.cond_dropout > 0:
+        drop = jax.random.uniform(k_drop, (b,)) < step_cfg.cond_dropout
+        null = jnp.asarray(step_cfg.null_ids, ids.dtype)[None, : ids.shape[1]]
+        ids = jnp.where(drop[:, None], null, ids)
+    context = encode_text(params["text_encoder"], ids, config, dtype)
+    if "text_encoder" not in step_cfg.trainable:
+        context = jax.lax.stop_gradient(context)
+
+    pred = apply_unet(params["unet"], x_t, t, context, config, dtype, step_cfg.remat)
+    target = schedules.training_target(prediction_type, latents, noise, t, alphas_cumprod)
+    per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+    if step_cfg.snr_gamma is not None:
+        weights = schedules.min_snr_weights(t, alphas_cumprod, step_cfg.snr_gamma, prediction_type)
+    else:
+        weights = jnp.ones_like(per_example)
+    loss = jnp.mean(per_example * weights)
+    return loss, {"mse": jnp.mean(per_example)}
+
+
+def make_train_step(
+    config: SDConfig,
+    step_cfg: StepConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule | None = None,
+):
+    """Build ``train_step(state, batch, rng) -> (state, metrics)``, pure and jittable.
+
+    Args:
+      config: the model configs (static).
+      step_cfg: the step's static choices.
+      tx: the optimiser over the trainable networks (see :mod:`jaxdiff.train.optim`).
+      schedule: the learning-rate schedule, reported in the metrics.
+
+    Returns:
+      The step function. ``rng`` is the run's base key; the step folds in
+      ``state.step`` so every step draws fresh noise and restarts reproduce exactly.
+    """
+    # Training uses the schedule as the model's scheduler_config.json resolves it.
+    sched = config.scheduler.resolve(config.scheduler.default_sampler)
+    alphas_cumprod = jnp.asarray(schedules.alphas_cumprod(sched), jnp.float32)
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        trainable = optim.select(state.params, step_cfg.trainable)
+        frozen = {k: v for k, v in state.params.items() if k not in step_cfg.trainable}
+        (loss, aux), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
+            trainable,
+            frozen,
+            batch,
+            rng,
+            config=config,
+            step_cfg=step_cfg,
+            alphas_cumprod=alphas_cumprod,
+            prediction_type=sched.prediction_type,
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        ema = state.ema_params
+        if step_cfg.ema_decay is not None:
+            decay = optim.ema_decay(state.step, step_cfg.ema_decay, step_cfg.ema_warmup)
+            ema = optim.ema_update(ema, trainable, decay)
+        new_state = state.replace(
+            step=state.step + 1,
+            params={**state.params, **trainable},
+            ema_params=ema,
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss,
+            "mse": aux["mse"],
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(trainable),
+        }
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return new_state, metrics
+
+    return train_step
+
+
+def state_shardings(abstract_state: TrainState, mesh, min_size: int | None = None):
+    """FSDP shardings for every array of a TrainState (scalars and keys replicated)."""
+    from jaxdiff import parallel
+
+    kw = {} if min_size is None else {"min_size": min_size}
+    return parallel.param_shardings(abstract_state, mesh, **kw)
+
+
+def names(seq: Sequence[str]) -> tuple[str, ...]:
+    """Normalise a config's list of network names to a tuple."""
+    return tuple(str(s) for s in seq)
