@@ -1,0 +1,296 @@
+"""Convolutional building blocks shared by the UNet and the autoencoder, NHWC.
+
+Each module mirrors the diffusers module of the same name and names its
+submodules the same way (``norm1``, ``conv1``, ``time_emb_proj``, ...), so a
+PyTorch state dict maps onto the params tree by the fixed rule in
+:mod:`jaxdiff.weights.common`.
+
+Every module takes ``dtype`` (the compute dtype, e.g. ``jnp.bfloat16``) and
+``param_dtype`` (the storage dtype of its params, fp32 by default). Group
+normalisation always computes its statistics in fp32: with bf16 activations
+the per-group variance of a 64x64x320 feature map loses most of its digits
+otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+__all__ = [
+    "GroupNorm",
+    "ResnetBlock2D",
+    "Downsample2D",
+    "Upsample2D",
+    "TimestepEmbedding",
+    "timestep_embedding",
+    "conv3x3",
+]
+
+
+def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
+    """A 3x3 convolution with symmetric padding 1 (PyTorch's ``padding=1``).
+
+    Flax's default ``"SAME"`` padding is asymmetric for stride 2 (0 before, 1
+    after), which is not what the PyTorch models do, so padding is explicit.
+    """
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He 2018) over NHWC (or any channels-last) input.
+
+    Statistics and the affine transform are computed in fp32 whatever the
+    compute dtype; the result is cast to ``dtype``. Params: ``scale`` and
+    ``bias``, each [C].
+
+    Attributes:
+      num_groups: G; must divide the channel count C.
+      epsilon: added to the variance (diffusers: 1e-5 in UNet resnets, 1e-6 in
+        transformer blocks' input norm and in the VAE).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise ``x`` [B, ..., C] per (sample, group); returns the same shape in ``dtype``."""
+        c = x.shape[-1]
+        if x.ndim < 2 or c % self.num_groups != 0:
+            raise ValueError(
+                f"GroupNorm: {c} channels (input shape {x.shape}) cannot be split into "
+                f"{self.num_groups} groups"
+            )
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        g = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        # Reduce over every spatial axis and the channels inside a group.
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+        mean = jnp.mean(g, axis=axes, keepdims=True)
+        # Two-pass variance: E[(x - mean)^2] does not cancel catastrophically like E[x^2] - mean^2.
+        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D`` (pre-norm residual block, ``time_embedding_norm="default"``).
+
+    ``h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, None, None]``,
+    ``h = conv2(dropout(silu(norm2(h))))``, output ``shortcut(x) + h``, where the
+    shortcut is a 1x1 ``conv_shortcut`` only when the channel count changes
+    (``output_scale_factor`` is 1 in every Stable Diffusion model).
+
+    ``temb`` is optional: called without it the block has no ``time_emb_proj``
+    params at all, which is the autoencoder's variant (``temb_channels=None``).
+
+    Attributes:
+      out_channels: output channels; ``None`` keeps the input's.
+      groups: GroupNorm groups for both norms.
+      eps: GroupNorm epsilon (the UNet's ``norm_eps``).
+      dropout: dropout rate before ``conv2`` (0 in Stable Diffusion).
+      deterministic: disable dropout; when False an rng named ``"dropout"`` is needed.
+    """
+
+    out_channels: int | None = None
+    groups: int = 32
+    eps: float = 1e-5
+    dropout: float = 0.0
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """Args: x [B, H, W, C_in]; temb [B, T] or None. Returns [B, H, W, C_out] in ``dtype``."""
+        cin = x.shape[-1]
+        cout = self.out_channels or cin
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
+        h = nn.silu(h)
+        h = conv3x3(cout, name="conv1", **kw)(h)
+        if temb is not None:
+            t = nn.Dense(cout, name="time_emb_proj", **kw)(nn.silu(temb.astype(self.dtype)))
+            h = h + t[:, None, None, :]
+        h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
+        h = nn.silu(h)
+        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        h = conv3x3(cout, name="conv2", **kw)(h)
+
+        shortcut = x.astype(self.dtype)
+        if cin != cout:
+            shortcut = nn.Conv(cout, (1, 1), name="conv_shortcut", **kw)(shortcut)
+        return shortcut + h
+
+
+class Downsample2D(nn.Module):
+    """diffusers ``Downsample2D`` with a convolution: a stride-2 3x3 conv named ``conv``.
+
+    Attributes:
+      out_channels: output channels; ``None`` keeps the input's.
+      padding: 1 pads one pixel on every side (the UNet); 0 pads one pixel only
+        after each spatial axis, i.e. PyTorch ``F.pad(x, (0, 1, 0, 1))`` then an
+        unpadded conv (the autoencoder encoder).
+    """
+
+    out_channels: int | None = None
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Args: x [B, H, W, C]. Returns [B, H', W', C_out], H' = floor((H + 2p - 3) / 2) + 1."""
+        if self.padding == 1:
+            pad = ((1, 1), (1, 1))
+        elif self.padding == 0:
+            pad = ((0, 1), (0, 1))
+        else:
+            raise ValueError(f"Downsample2D: padding must be 0 or 1, got {self.padding}")
+        return nn.Conv(
+            self.out_channels or x.shape[-1],
+            (3, 3),
+            strides=(2, 2),
+            padding=pad,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index per output index of PyTorch's ``mode="nearest"`` resize.
+
+    PyTorch computes ``min(floor(i * float32(n_in / n_out)), n_in - 1)`` in
+    float32; doing the same float32 arithmetic here reproduces its choice even
+    where ``i * n_in / n_out`` lands on an integer.
+    """
+    scale = np.float32(n_in) / np.float32(n_out)
+    idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def _resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of x [B, H, W, C] to ``size`` (PyTorch semantics)."""
+    h, w = x.shape[1:3]
+    if size == (2 * h, 2 * w):
+        # The common case: every pixel repeated twice along each axis.
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    x = jnp.take(x, _nearest_indices(h, size[0]), axis=1)
+    return jnp.take(x, _nearest_indices(w, size[1]), axis=2)
+
+
+class Upsample2D(nn.Module):
+    """diffusers ``Upsample2D`` with a convolution: nearest x2 resize, then a 3x3 conv ``conv``.
+
+    Attributes:
+      out_channels: output channels; ``None`` keeps the input's.
+    """
+
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        """Args:
+          x: [B, H, W, C].
+          output_size: (H_out, W_out) to resize to instead of (2H, 2W); the UNet
+            passes its skip connection's size when the input was not a multiple
+            of the total down-sampling factor.
+
+        Returns:
+          [B, H_out, W_out, C_out] in ``dtype``.
+        """
+        h, w = x.shape[1:3]
+        size = (2 * h, 2 * w) if output_size is None else tuple(int(s) for s in output_size)
+        x = _resize_nearest(x, size)
+        return conv3x3(
+            self.out_channels or x.shape[-1],
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal timestep features (Ho et al. 2020; Vaswani et al. 2017, Sec. 3.5).
+
+    With ``half = dim // 2`` and frequencies
+    ``w_j = exp(-log(max_period) * j / (half - freq_shift))``, ``j < half``, the
+    features are ``[sin(scale t w), cos(scale t w)]`` (``[cos, sin]`` when
+    ``flip_sin_to_cos``), zero-padded by one when ``dim`` is odd. This is
+    diffusers' ``get_timestep_embedding`` with ``downscale_freq_shift =
+    freq_shift``; Stable Diffusion uses ``flip_sin_to_cos=True, freq_shift=0``.
+
+    Args:
+      timesteps: [N] timesteps, integer or fractional.
+      dim: feature size.
+      flip_sin_to_cos: put the cosines first.
+      freq_shift: ``downscale_freq_shift`` above.
+      scale: multiplies the arguments of sin and cos.
+      max_period: the slowest period.
+
+    Returns:
+      [N, dim] float32.
+    """
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim != 1:
+        raise ValueError(f"timestep_embedding: timesteps must be 1-D [N], got {timesteps.shape}")
+    half = dim // 2
+    if half - freq_shift == 0:
+        raise ValueError(f"timestep_embedding: dim {dim} with freq_shift {freq_shift} divides by 0")
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = scale * timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers ``TimestepEmbedding``: ``linear_2(silu(linear_1(t_features)))``.
+
+    Attributes:
+      features: output (and hidden) size; 4 x block_out_channels[0] in the UNet.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t_features: jax.Array) -> jax.Array:
+        """Args: t_features [B, D] (from :func:`timestep_embedding`). Returns [B, features]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.Dense(self.features, name="linear_1", **kw)(t_features.astype(self.dtype))
+        return nn.Dense(self.features, name="linear_2", **kw)(nn.silu(h))

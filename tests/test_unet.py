@@ -1,0 +1,472 @@
+"""UNet parity with diffusers' PyTorch UNet2DConditionModel at tiny random configs.
+
+Reference outputs come from diffusers itself (seeded random weights), never
+from stored numbers. Layout transposes (NCHW <-> NHWC) happen only here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers.models.downsampling import Downsample2D as TorchDownsample2D  # noqa: E402
+from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
+from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D  # noqa: E402
+from diffusers.models.upsampling import Upsample2D as TorchUpsample2D  # noqa: E402
+
+from jaxdiff.models.attention import dot_product_attention  # noqa: E402
+from jaxdiff.models.layers import (  # noqa: E402
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    Upsample2D,
+    timestep_embedding,
+)
+from jaxdiff.models.unet import (  # noqa: E402
+    UNet2DConditionModel,
+    UNetConfig,
+    init_unet,
+    unet_abstract_params,
+)
+from jaxdiff.weights.common import (  # noqa: E402
+    WeightsMismatchError,
+    params_to_state_dict,
+    state_dict_to_params,
+)
+
+TOL = 1e-4
+# XLA CPU options that halve compile time; used where a test checks math
+# equivalence (remat), not the optimised code users run.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+# Tiny diffusers configs. GroupNorm groups must divide every channel count,
+# including the up path's concatenations (32 + 64 = 96 etc.).
+CONFIGS = {
+    # SD 1.x shape: conv projections, attention_head_dim an int (= heads).
+    "sd1": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        sample_size=16,
+    ),
+    # SD 2.x shape: linear projections, per-block heads, upcast attention,
+    # three levels, two transformer blocks per spatial transformer.
+    "sd2": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=[2, 4, 8],
+        use_linear_projection=True,
+        upcast_attention=True,
+        flip_sin_to_cos=True,
+        cross_attention_dim=48,
+        transformer_layers_per_block=2,
+        norm_num_groups=8,
+        sample_size=16,
+    ),
+    # Inpainting input (9 channels), the other timestep-feature convention,
+    # and an odd latent size that exercises the up path's resize-to-skip.
+    "inpaint9": dict(
+        in_channels=9,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        cross_attention_dim=32,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_num_groups=8,
+        sample_size=9,
+    ),
+}
+# (H, W, context length, timesteps) per config.
+INPUTS = {
+    "sd1": (16, 16, 7, np.array([10, 999], np.int64)),
+    "sd2": (16, 16, 5, np.array([0.5, 750.25], np.float32)),
+    "inpaint9": (9, 11, 6, 500.5),  # a Python float scalar
+}
+
+
+def _torch_unet(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = diffusers.UNet2DConditionModel(**CONFIGS[name])
+    model.eval()
+    # Default init zeroes some output convs; randomise every tensor so that a
+    # wrongly routed weight cannot hide behind a zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def _numpy_state_dict(module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def torch_unets():
+    return {name: _torch_unet(name) for name in CONFIGS}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_unet_matches_diffusers(name, torch_unets):
+    tm = torch_unets[name]
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    sd = _numpy_state_dict(tm)
+    params = state_dict_to_params(sd, unet_abstract_params(cfg), what=name)
+
+    h, w, seq, t = INPUTS[name]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, cfg.in_channels, h, w)).astype(np.float32)
+    ctx = rng.standard_normal((2, seq, cfg.cross_attention_dim)).astype(np.float32)
+    with torch.no_grad():
+        t_torch = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
+        ref = tm(torch.from_numpy(x), t_torch, torch.from_numpy(ctx)).sample.numpy()
+
+    model = UNet2DConditionModel(cfg)
+    out = jax.jit(model.apply)({"params": params}, x.transpose(0, 2, 3, 1), t, ctx)
+    out = np.asarray(out).transpose(0, 3, 1, 2)
+    assert out.shape == ref.shape == (2, cfg.out_channels, h, w)
+    diff = float(np.max(np.abs(out - ref)))
+    print(f"\n[{name}] max|diff| = {diff:.3g}  (max|ref| = {np.max(np.abs(ref)):.3g})")
+    assert diff <= TOL
+
+    # Export: back to exactly the torch state dict, key for key, bit for bit.
+    back = params_to_state_dict(params)
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        assert back[k].shape == v.shape, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+    # The exported config rebuilds the same architecture in diffusers.
+    exported = cfg.to_diffusers()
+    assert UNetConfig.from_diffusers(exported) == cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rebuilt = diffusers.UNet2DConditionModel(**exported)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in tm.state_dict().items()
+    }
+
+
+def test_bf16_compute_tracks_fp32_reference(torch_unets):
+    # SD 2.x-like (upcast attention, linear projections) in bf16 compute with
+    # fp32 params: finite, and within bf16's few-percent of the fp32 reference.
+    tm = torch_unets["sd2"]
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    params = state_dict_to_params(_numpy_state_dict(tm), unet_abstract_params(cfg))
+    h, w, seq, t = INPUTS["sd2"]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, cfg.in_channels, h, w)).astype(np.float32)
+    ctx = rng.standard_normal((2, seq, cfg.cross_attention_dim)).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+    model = UNet2DConditionModel(cfg, dtype=jnp.bfloat16)
+    out = jax.jit(model.apply)({"params": params}, x.transpose(0, 2, 3, 1), t, ctx)
+    assert out.dtype == jnp.bfloat16
+    out = np.asarray(out, np.float32).transpose(0, 3, 1, 2)
+    assert np.all(np.isfinite(out))
+    rel_rms = float(np.sqrt(np.mean((out - ref) ** 2) / np.mean(ref**2)))
+    print(f"\n[sd2 bf16] relative RMS error = {rel_rms:.3g}")
+    assert rel_rms < 0.03
+
+
+# Released configs (unet/config.json of stable-diffusion-inpainting, SD 1.x with
+# 9 input channels, and stable-diffusion-2-1), private keys included.
+_SD_DOWN = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+_SD_UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+RELEASED = {
+    "sd15-inpainting": {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.6.0",
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
+        "cross_attention_dim": 768,
+        "down_block_types": _SD_DOWN,
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 9,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": _SD_UP,
+    },
+    "sd21": {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.10.0.dev0",
+        "act_fn": "silu",
+        "attention_head_dim": [5, 10, 20, 20],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
+        "class_embed_type": None,
+        "cross_attention_dim": 1024,
+        "down_block_types": _SD_DOWN,
+        "downsample_padding": 1,
+        "dual_cross_attention": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "out_channels": 4,
+        "resnet_time_scale_shift": "default",
+        "sample_size": 96,
+        "up_block_types": _SD_UP,
+        "upcast_attention": True,
+        "use_linear_projection": True,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_configs_load_full_size_state_dicts(name):
+    # Full-size shapes without allocating: diffusers on torch's meta device,
+    # zero-stride numpy views standing in for the tensors.
+    config = RELEASED[name]
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tm = diffusers.UNet2DConditionModel.from_config(config)
+    sd = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in tm.state_dict().items()}
+    cfg = UNetConfig.from_diffusers(config)
+    params = state_dict_to_params(sd, unet_abstract_params(cfg), what=name)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert n_params == sum(int(np.prod(v.shape)) for v in sd.values())
+    assert n_params > 8.5e8  # the ~860M-parameter UNet of SD 1.x / 2.x
+    heads = cfg.num_heads
+    assert heads == ((8,) * 4 if name.startswith("sd15") else (5, 10, 20, 20))
+
+
+def test_wrong_checkpoint_lists_every_problem(torch_unets):
+    cfg = UNetConfig.from_diffusers(dict(torch_unets["sd1"].config))
+    abstract = unet_abstract_params(cfg)
+    sd = _numpy_state_dict(torch_unets["sd1"])
+    del sd["conv_in.bias"]
+    sd["down_blocks.0.resnets.0.extra.weight"] = np.zeros(3, np.float32)
+    sd["conv_out.weight"] = np.zeros((4, 32, 1, 1), np.float32)
+    with pytest.raises(WeightsMismatchError) as e:
+        state_dict_to_params(sd, abstract)
+    # (common.py also lists a mis-shaped key under missing, since it did not load.)
+    assert "conv_in.bias" in e.value.missing
+    assert e.value.unexpected == ["down_blocks.0.resnets.0.extra.weight"]
+    assert [m[0] for m in e.value.misshaped] == ["conv_out.weight"]
+    assert "conv_in.bias" in str(e.value) and "conv_out.weight" in str(e.value)
+
+    # Another architecture's checkpoint is rejected as a whole, not half-loaded.
+    with pytest.raises(WeightsMismatchError) as e:
+        state_dict_to_params(_numpy_state_dict(torch_unets["sd2"]), abstract)
+    assert e.value.missing and e.value.unexpected and e.value.misshaped
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"class_embed_type": "timestep"}, "class_embed_type"),
+        ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+        ({"dual_cross_attention": True}, "dual_cross_attention"),
+        ({"only_cross_attention": [True, False]}, "only_cross_attention"),
+        ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
+        ({"num_attention_heads": 8}, "num_attention_heads"),
+        ({"mid_block_type": None}, "mid_block_type"),
+        ({"down_block_types": ["AttnDownBlock2D", "DownBlock2D"]}, "AttnDownBlock2D"),
+        ({"transformer_layers_per_block": [1, 2]}, "transformer_layers_per_block"),
+        ({"attention_head_dim": [8, 8, 8]}, "attention_head_dim"),
+        ({"norm_num_groups": 7}, "norm_num_groups"),
+        ({"some_future_flag": 1}, "some_future_flag"),
+    ],
+)
+def test_from_diffusers_rejects_unsupported(change, match):
+    base = {"_class_name": "UNet2DConditionModel", **CONFIGS["sd1"]}
+    UNetConfig.from_diffusers(base)  # the base is fine
+    with pytest.raises(ValueError, match=match):
+        UNetConfig.from_diffusers({**base, **change})
+
+
+def test_from_diffusers_heads_and_defaults():
+    # SD 1.x: an int attention_head_dim is the head count of every block.
+    cfg = UNetConfig.from_diffusers({"attention_head_dim": 8, "cross_attention_dim": 768})
+    assert cfg.num_heads == (8, 8, 8, 8)
+    assert cfg.block_out_channels == (320, 640, 1280, 1280)
+    # SD 2.x: a list is per block; missing keys take diffusers' defaults.
+    cfg = UNetConfig.from_diffusers({"attention_head_dim": [5, 10, 20, 20]})
+    assert cfg.num_heads == (5, 10, 20, 20)
+    assert cfg.cross_attention_dim == 1280
+    # Values equal to the default are accepted, also as per-block lists.
+    UNetConfig.from_diffusers({"only_cross_attention": [False] * 4, "mid_block_scale_factor": 1.0})
+
+
+def test_timestep_embedding_matches_diffusers():
+    t = np.array([0, 1, 17, 500, 999.5], np.float32)
+    for dim, flip, shift in [(32, True, 0), (32, False, 1), (33, True, 1), (8, False, 0)]:
+        ref = get_timestep_embedding(
+            torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift
+        ).numpy()
+        out = np.asarray(timestep_embedding(t, dim, flip_sin_to_cos=flip, freq_shift=shift))
+        assert out.shape == ref.shape == (5, dim)
+        np.testing.assert_allclose(out, ref, atol=2e-4, rtol=0)  # sin/cos of ~1e3 in fp32
+
+
+def _apply(module, torch_module, x, **static):
+    """Load a diffusers module's weights into ours and apply it (``static`` kwargs untraced)."""
+    fn = lambda m, *a: m(*a, **static)
+    sd = _numpy_state_dict(torch_module)
+    abstract = jax.eval_shape(lambda r: module.init(r, x, method=fn), jax.random.key(0))["params"]
+    # diffusers' Downsample2D built with name="conv" also registers its conv as
+    # an alias `Conv2d_0`; the UNet and VAE build it as name="op", without the alias.
+    params = state_dict_to_params(sd, abstract, ignore=[r"^Conv2d_0\."])
+    return jax.jit(lambda p, x: module.apply({"params": p}, x, method=fn))(params, x)
+
+
+def test_layers_match_diffusers():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 16, 7, 9)).astype(np.float32)  # NCHW, odd sizes
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    torch.manual_seed(3)
+    cases = [
+        # The autoencoder's variant: pad (0, 1, 0, 1), then an unpadded stride-2 conv.
+        (Downsample2D(24, padding=0), TorchDownsample2D(16, True, 24, padding=0), {}, {}),
+        (Downsample2D(24, padding=1), TorchDownsample2D(16, True, 24, padding=1), {}, {}),
+        (Upsample2D(8), TorchUpsample2D(16, True, out_channels=8), {}, {}),
+        # Resize to an explicit odd size, as the UNet does for odd latents.
+        (
+            Upsample2D(8),
+            TorchUpsample2D(16, True, out_channels=8),
+            {"output_size": (13, 19)},
+            {"output_size": (13, 19)},
+        ),
+        # No temb: the autoencoder's resnet, without time_emb_proj params.
+        (
+            ResnetBlock2D(32, groups=4, eps=1e-6),
+            TorchResnetBlock2D(in_channels=16, out_channels=32, temb_channels=None, groups=4),
+            {"temb": None},
+            {},
+        ),
+    ]
+    for ours, ref_module, torch_kw, our_kw in cases:
+        ref_module.eval()
+        with torch.no_grad():
+            ref = ref_module(torch.from_numpy(x), **torch_kw).numpy()
+        out = np.asarray(_apply(ours, ref_module, x_nhwc, **our_kw)).transpose(0, 3, 1, 2)
+        assert out.shape == ref.shape, type(ours).__name__
+        assert np.max(np.abs(out - ref)) <= TOL, type(ours).__name__
+
+
+def test_groupnorm_statistics_in_fp32():
+    # bf16 activations with a large common offset: a bf16 accumulation of
+    # 64*64*4 values per group, or a one-pass E[x^2] - mean^2 variance, would
+    # be far off; fp32 statistics leave only the bf16 output rounding.
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(8.0 + rng.standard_normal((2, 64, 64, 32)), jnp.bfloat16)
+    norm = GroupNorm(8, 1e-5, dtype=jnp.bfloat16)
+    params = norm.init(jax.random.key(0), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    out = jax.jit(norm.apply)(params, x)
+    assert out.dtype == jnp.bfloat16
+    x64 = np.asarray(x, np.float64).reshape(2, 64, 64, 8, 4)
+    mean = x64.mean(axis=(1, 2, 4), keepdims=True)
+    var = x64.var(axis=(1, 2, 4), keepdims=True)
+    ref = ((x64 - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    assert np.max(np.abs(np.asarray(out, np.float64) - ref)) < 0.04  # bf16 ulp at |4| is 0.03
+
+
+def test_dtypes_validation_and_attention_hook():
+    cfg = UNetConfig.from_diffusers(CONFIGS["sd2"])
+    abstract = unet_abstract_params(cfg)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(abstract))
+    x = jnp.zeros((2, 8, 8, 4))
+    ctx = jnp.zeros((2, 3, 48))
+
+    # bf16 compute keeps fp32 params and returns bf16 (traced only, no compile).
+    bf16 = UNet2DConditionModel(cfg, dtype=jnp.bfloat16)
+    out = jax.eval_shape(lambda p: bf16.apply({"params": p}, x, 3, ctx), abstract)
+    assert out.shape == (2, 8, 8, 4) and out.dtype == jnp.bfloat16
+
+    # Every attention of the UNet goes through the hook, self and cross.
+    seen = []
+
+    def hook(module, q, k, v):
+        seen.append((module.name, "/".join(module.path), q.shape, k.shape))
+        return dot_product_attention(q, k, v, scale=module.scale, upcast=module.upcast_attention)
+
+    hooked = UNet2DConditionModel(cfg, attention_fn=hook)
+    jax.eval_shape(lambda p: hooked.apply({"params": p}, x, 3, ctx), abstract)
+    # sd2: 1 + 1 transformers down, 1 mid, 2 + 2 up; 2 blocks each; 2 attentions per block.
+    assert len(seen) == 7 * 2 * 2
+    assert {s[0] for s in seen} == {"attn1", "attn2"}
+    assert all(s[3][1] == 3 for s in seen if s[0] == "attn2")  # keys from the 3 text tokens
+    assert any(s[1].startswith("mid_block/attentions_0/transformer_blocks_1") for s in seen)
+
+    bad = [
+        (jnp.zeros((2, 8, 8, 5)), 3, ctx, "sample"),
+        (x, 3, jnp.zeros((2, 3, 32)), "encoder_hidden_states"),
+        (x, 3, jnp.zeros((1, 3, 48)), "batch"),
+        (x, jnp.zeros((3,)), ctx, "timesteps"),
+    ]
+    model = UNet2DConditionModel(cfg)
+    for s, t, c, match in bad:
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(lambda p, s=s, t=t, c=c: model.apply({"params": p}, s, t, c), abstract)
+
+
+def test_init_and_remat_gradients():
+    # One level (no up/down sampling) keeps the two gradient compiles small;
+    # remat only touches resnets and transformers, which it has.
+    cfg = UNetConfig(
+        block_out_channels=(16,),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        num_heads=(2,),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+    )
+    params = init_unet(cfg, jax.random.key(0))
+    abstract = unet_abstract_params(cfg)
+    assert jax.tree.structure(params) == jax.tree.structure(abstract)
+    assert all(
+        p.shape == a.shape and p.dtype == a.dtype
+        for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract))
+    )
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+    assert float(jnp.std(params["conv_in"]["kernel"])) > 0  # random, not zeros
+
+    # remat changes memory, not params or math: the same params apply (a
+    # renamed module would fail to find its params) and give the same gradients.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 4, 4, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((1, 3, 8)), jnp.float32)
+
+    def grad(model):
+        loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x, 7, ctx)))
+        return jax.jit(jax.grad(loss), compiler_options=_FAST_COMPILE)(params)
+
+    g_plain = grad(UNet2DConditionModel(cfg))
+    g_remat = grad(UNet2DConditionModel(cfg, remat=True))
+    assert jax.tree.structure(g_remat) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(g_plain["conv_in"]["kernel"]))) > 0
