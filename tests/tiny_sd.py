@@ -91,7 +91,12 @@ def clip_kwargs(kind: str, vocab_size: int, eos_token_id: int) -> dict:
 
 
 def build_tiny_sd(
-    directory: str | Path, kind: str = "sd1", scheduler: str = "PNDMScheduler", seed: int = 0
+    directory: str | Path,
+    kind: str = "sd1",
+    scheduler: str = "PNDMScheduler",
+    seed: int = 0,
+    deterministic_vae: bool = False,
+    vae_scaling_factor: float = 0.18215,
 ):
     """Save a tiny random diffusers StableDiffusion(Inpaint)Pipeline to ``directory``.
 
@@ -100,6 +105,11 @@ def build_tiny_sd(
         list, upcast attention, gelu text encoder, v_prediction) or "inpaint"
         (9-channel UNet).
       scheduler: the diffusers scheduler class name written to scheduler_config.json.
+      deterministic_vae: make the VAE posterior's std ~3e-7 (logvar bias -30), so a
+        posterior sample equals its mean and runs that sample it with different RNGs
+        (torch's generator, our keys) still compare exactly.
+      vae_scaling_factor: the VAE's latent scale. SD's 0.18215 gives trained-VAE latents
+        unit variance; a random tiny VAE needs a larger one for that (about 4.5).
 
     Returns:
       The diffusers pipeline object (PyTorch), for reference runs.
@@ -114,11 +124,14 @@ def build_tiny_sd(
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(**unet_kwargs(kind))
-    vae = diffusers.AutoencoderKL(**vae_kwargs())
+    vae = diffusers.AutoencoderKL(**vae_kwargs(), scaling_factor=vae_scaling_factor)
     eos = tokenizer.eos_token_id
     # A non-legacy eos id (!= 2) makes CLIP pool at the first eos token, as SD 2.x configs do.
     text_encoder = CLIPTextModel(CLIPTextConfig(**clip_kwargs(kind, len(tokenizer), eos)))
     _perturb(unet, vae, text_encoder)
+    if deterministic_vae:
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.latent_channels :] = -30.0
     sched_cfg = dict(SD15_SCHEDULER)
     if kind == "sd2":
         sched_cfg["prediction_type"] = "v_prediction"

@@ -150,6 +150,7 @@ def state_dict_to_params(
 
     flat: dict[tuple[str, ...], np.ndarray] = {}
     unexpected, misshaped = [], []
+    misshaped_paths = set()
     for key, value in state_dict.items():
         if any(r.search(key) for r in ignore_re):
             continue
@@ -170,12 +171,13 @@ def state_dict_to_params(
         want = tuple(slots[name].shape)
         if tuple(arr.shape) != want:
             misshaped.append((key, tuple(arr.shape), want))
+            misshaped_paths.add(module + (name,))
             continue
         flat[module + (name,)] = arr.astype(dtype) if dtype is not None else arr
     missing = [
         module_path_to_torch_prefix(p[:-1]) + "." + _from_flax_leaf(p[-1], np.zeros((1,) * 2))[0]
         for p in expected
-        if p not in flat
+        if p not in flat and p not in misshaped_paths
     ]
     if missing or unexpected or misshaped:
         raise WeightsMismatchError(what, missing, unexpected, misshaped)

@@ -1,0 +1,492 @@
+"""Stable Diffusion text-to-image, image-to-image and inpainting.
+
+``StableDiffusion`` is a thin object holding configs, params and a tokenizer;
+all the work happens in one pure function, :func:`generate`, jitted with the
+shapes, sampler and step count static and everything a user changes between
+calls (prompts, guidance scale, strength, eta, seeds) traced, so changing
+those never recompiles. The batch is sharded over every local device with
+``jax.jit`` + ``NamedSharding``; a batch that does not divide by the device
+count is padded and the padding dropped.
+
+Semantics follow diffusers' ``StableDiffusionPipeline``,
+``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline``:
+same prompt encoding (pad to ``model_max_length``, last hidden state), same
+guidance (none when ``guidance_scale <= 1``), same ``strength`` rule, same
+latent-mask blending for 4-channel UNets and masked-image conditioning for
+9-channel inpainting UNets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff import samplers
+from jaxdiff.denoisers import classifier_free_guidance
+from jaxdiff.models.autoencoder import scale_latents, vae_encode
+from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
+from jaxdiff.weights import pretrained
+
+MODES = ("text_to_image", "image_to_image", "inpaint")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSpec:
+    """The static part of a generation call (hashable: the jit cache key).
+
+    Attributes:
+      config: the model configs.
+      mode: one of MODES.
+      sampler, steps, schedule: the sampling plan (``samplers.make_plan``).
+      latent_hw: (h, w) of the latents.
+      dtype: compute dtype of the networks.
+      progress: tick a progress bar per step.
+    """
+
+    config: SDConfig
+    mode: str
+    sampler: str
+    steps: int
+    schedule: str | None
+    latent_hw: tuple[int, int]
+    dtype: Any = jnp.float32
+    progress: bool = False
+
+    @functools.cached_property
+    def plan(self) -> samplers.SamplerPlan:
+        return samplers.make_plan(self.sampler, self.steps, self.config.scheduler, self.schedule)
+
+
+def _per_example_normal(keys: jax.Array, salt: int, shape: tuple[int, ...]) -> jax.Array:
+    """One standard normal draw per example from its own key: batch-independent noise."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, salt), shape))(keys)
+
+
+def _encode_image_latents(params, image, keys, config: SDConfig, dtype, salt: int):
+    """VAE posterior sample (diffusers' ``retrieve_latents(..., "sample")``), scaled."""
+    posterior = vae_encode(params["vae"], image, config.vae, dtype)
+    eps = _per_example_normal(keys, salt, posterior.mean.shape[1:])
+    return scale_latents(posterior.mean + posterior.std * eps, config.vae)
+
+
+def latent_mask(mask: jax.Array, factor: int) -> jax.Array:
+    """Pixel mask [B, H, W] -> latent mask [B, H/f, W/f, 1], binarised at 0.5.
+
+    diffusers binarises the mask (``>= 0.5``) and resizes it with PyTorch's
+    default nearest interpolation, which for an integer factor picks pixel
+    ``(f*i, f*j)``.
+    """
+    binary = (mask >= 0.5).astype(jnp.float32)
+    return binary[:, ::factor, ::factor, None]
+
+
+def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
+    """Sample images: the pure function behind every pipeline call.
+
+    Args:
+      params: ``{"unet", "vae", "text_encoder"}``.
+      inputs: arrays, batch B first:
+        ``input_ids``, ``negative_ids`` [B, L] int32; ``keys`` [B] PRNG keys;
+        ``noise`` [B, h, w, C] start noise; ``guidance_scale``, ``guidance_rescale``,
+        ``eta``, ``strength`` scalars; ``start_index`` int32 scalar (first step, from
+        ``samplers.start_index_for_strength``); for image_to_image / inpaint ``image``
+        [B, H, W, 3] in [-1, 1]; for inpaint ``mask`` [B, H, W] (1 = repaint).
+      spec: the static choices.
+
+    Returns:
+      uint8 images [B, H, W, 3].
+    """
+    cfg, dtype, plan = spec.config, spec.dtype, spec.plan
+    keys = inputs["keys"]
+    noise = inputs["noise"].astype(jnp.float32)
+    cond = encode_text(params["text_encoder"], inputs["input_ids"], cfg, dtype)
+    uncond = encode_text(params["text_encoder"], inputs["negative_ids"], cfg, dtype)
+
+    lat_c = cfg.vae.latent_channels
+    extra = None  # 9-channel inpainting: [mask, masked-image latents] beside x
+    start = 0
+    step_hook = None
+    x_init = samplers.initial_latents(plan, noise)
+    if spec.mode in ("image_to_image", "inpaint"):
+        image = inputs["image"].astype(jnp.float32)
+        strength = inputs["strength"]
+        start = inputs["start_index"]
+        image_latents = _encode_image_latents(params, image, keys, cfg, dtype, salt=1)
+        noised = samplers.noise_latents(plan, image_latents, noise, start)
+        if spec.mode == "image_to_image":
+            x_init = noised
+        else:
+            # diffusers: strength 1 starts from pure noise, below 1 from the noised image.
+            x_init = jnp.where(strength >= 1.0, x_init, noised)
+            mask = latent_mask(inputs["mask"].astype(jnp.float32), cfg.latent_factor)
+            if cfg.unet.in_channels == 2 * lat_c + 1:
+                keep = (inputs["mask"] < 0.5).astype(jnp.float32)[..., None]
+                masked = _encode_image_latents(params, image * keep, keys, cfg, dtype, salt=2)
+                extra = jnp.concatenate([mask, masked], axis=-1)
+            else:
+
+                def step_hook(x, next_index):
+                    # Re-impose the known region at the next step's noise level.
+                    known = samplers.noise_latents(plan, image_latents, noise, next_index)
+                    return (1.0 - mask) * known + mask * x
+
+    def net_fn(x, t, context):
+        if extra is not None:
+            x = jnp.concatenate([x, jnp.concatenate([extra, extra], axis=0)], axis=-1)
+        return apply_unet(params["unet"], x, t, context, cfg, dtype)
+
+    # diffusers runs no guidance when guidance_scale <= 1: the result is the conditional
+    # prediction, which is what w = 1 gives.
+    w = jnp.asarray(inputs["guidance_scale"], jnp.float32)
+    model_fn = classifier_free_guidance(
+        net_fn, cond, uncond, jnp.where(w > 1.0, w, 1.0), inputs["guidance_rescale"]
+    )
+    latents = samplers.sample(
+        model_fn,
+        x_init,
+        plan,
+        rng=keys,
+        eta=inputs["eta"],
+        start_index=start,
+        step_hook=step_hook,
+        progress=spec.progress,
+    )
+    images = decode_latents(params["vae"], latents, cfg, dtype)
+    images = jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(images * 255).astype(jnp.uint8)
+
+
+_generate_jit = jax.jit(generate, static_argnames=("spec",))
+
+
+def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    out = list(value)
+    if not out:
+        raise ValueError(f"{name} is an empty list")
+    if not all(isinstance(v, str) for v in out):
+        raise ValueError(f"{name} must be a string or a list of strings")
+    return out
+
+
+def _images_to_array(images: Any, name: str) -> np.ndarray:
+    """PIL image(s), uint8 or float [0, 1] arrays -> float32 [B, H, W, 3] in [-1, 1]."""
+    if isinstance(images, (list, tuple)) and images and hasattr(images[0], "convert"):
+        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    elif hasattr(images, "convert"):
+        images = np.asarray(images.convert("RGB"))
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"{name} must be [B, H, W, 3] or [H, W, 3] (RGB, NHWC); got {arr.shape}")
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError(
+                f"float {name} must be in [0, 1]; got range [{arr.min()}, {arr.max()}]"
+            )
+    else:
+        raise ValueError(f"{name} must be uint8 or float in [0, 1], got dtype {arr.dtype}")
+    return arr * 2.0 - 1.0
+
+
+def _mask_to_array(mask: Any) -> np.ndarray:
+    """PIL / uint8 / float / bool mask -> float32 [B, H, W] in [0, 1] (1 = repaint)."""
+    if isinstance(mask, (list, tuple)) and mask and hasattr(mask[0], "convert"):
+        mask = np.stack([np.asarray(m.convert("L")) for m in mask])
+    elif hasattr(mask, "convert"):
+        mask = np.asarray(mask.convert("L"))
+    arr = np.asarray(mask)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"mask must be [B, H, W] or [H, W]; got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    return arr.astype(np.float32)
+
+
+class StableDiffusion:
+    """A Stable Diffusion model ready to sample.
+
+    Attributes:
+      config: the :class:`~jaxdiff.models.sd.SDConfig`.
+      params: ``{"unet", "vae", "text_encoder"}`` on the devices (replicated).
+      tokenizer: a transformers ``CLIPTokenizer``.
+      dtype: compute (and parameter) dtype.
+      mesh: the 1-D device mesh ``("data",)`` batches are sharded over.
+    """
+
+    def __init__(
+        self,
+        config: SDConfig,
+        params: dict,
+        tokenizer: Any,
+        *,
+        dtype: Any = jnp.float32,
+        devices: Sequence[Any] | None = None,
+    ):
+        dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(
+            jax.tree.map(lambda a: np.asarray(a).astype(dtype), params), replicated
+        )
+
+    # -- loading and saving ----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: Any = jnp.float32,
+        variant: str | None = None,
+        allow_pickle: bool = False,
+        devices: Sequence[Any] | None = None,
+    ) -> StableDiffusion:
+        """Load a diffusers-format directory (no torch needed for safetensors weights)."""
+        from transformers import CLIPTokenizer
+
+        config, params = pretrained.load_pretrained(
+            path, variant=variant, allow_pickle=allow_pickle
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(Path(path) / "tokenizer")
+        return cls(config, params, tokenizer, dtype=dtype, devices=devices)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        config_dir: str | os.PathLike,
+        *,
+        dtype: Any = jnp.float32,
+        allow_pickle: bool = False,
+        devices: Sequence[Any] | None = None,
+    ) -> StableDiffusion:
+        """Load an original-layout checkpoint; configs and tokenizer come from ``config_dir``
+        (a diffusers-format directory of the same model family)."""
+        from transformers import CLIPTokenizer
+
+        config = pretrained.load_config(config_dir)
+        params = pretrained.load_single_file(path, config, allow_pickle=allow_pickle)
+        tokenizer = CLIPTokenizer.from_pretrained(Path(config_dir) / "tokenizer")
+        return cls(config, params, tokenizer, dtype=dtype, devices=devices)
+
+    def save_pretrained(self, path: str | os.PathLike, sampler: str | None = None) -> Path:
+        """Write a diffusers-format directory (fp32 weights)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            return pretrained.save_pretrained(path, self.config, self.params, tmp, sampler=sampler)
+
+    # -- generation ------------------------------------------------------------------
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        """Prompts -> [B, L] int32 ids, padded/truncated to the tokenizer's max length."""
+        length = min(
+            self.tokenizer.model_max_length, self.config.text_encoder.max_position_embeddings
+        )
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True
+        ).input_ids
+        return np.asarray(ids, np.int32)
+
+    def _run(
+        self,
+        mode: str,
+        prompt,
+        *,
+        negative_prompt=None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        sampler: str | None = None,
+        schedule: str | None = None,
+        eta: float = 0.0,
+        seed: int | Sequence[int] = 0,
+        latents: Any = None,
+        num_images_per_prompt: int = 1,
+        strength: float = 1.0,
+        image: Any = None,
+        mask: Any = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        cfg = self.config
+        prompts = _as_list(prompt, "prompt")
+        if prompts is None:
+            raise ValueError("prompt is required (a string or a list of strings)")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        negatives = _as_list(negative_prompt, "negative_prompt") or [""] * len(prompts)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts"
+            )
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        b = len(prompts)
+
+        f = cfg.latent_factor
+        image_arr = mask_arr = None
+        if image is not None:
+            image_arr = _images_to_array(image, "image")
+            if image_arr.shape[0] == 1 and b > 1:
+                image_arr = np.repeat(image_arr, b, axis=0)
+            if image_arr.shape[0] != b:
+                raise ValueError(f"got {image_arr.shape[0]} images for {b} prompts x images")
+            height = height or image_arr.shape[1]
+            width = width or image_arr.shape[2]
+            if image_arr.shape[1:3] != (height, width):
+                raise ValueError(
+                    f"image is {image_arr.shape[1]}x{image_arr.shape[2]} but height x width "
+                    f"is {height}x{width}"
+                )
+        if mask is not None:
+            mask_arr = _mask_to_array(mask)
+            if mask_arr.shape[0] == 1 and b > 1:
+                mask_arr = np.repeat(mask_arr, b, axis=0)
+            if mask_arr.shape != (b, height, width):
+                raise ValueError(
+                    f"mask shape {mask_arr.shape} does not match the image's "
+                    f"[{b}, {height}, {width}]"
+                )
+        default = cfg.unet.sample_size
+        default = default if isinstance(default, int) else (default or 64)
+        height = height or default * f
+        width = width or default * f
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(
+                f"height and width must be positive multiples of {f}; got {height}x{width}"
+            )
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        hw = (height // f, width // f)
+        shape = (b, *hw, cfg.vae.latent_channels)
+
+        seeds = np.asarray(seed, np.uint32).reshape(-1)
+        if seeds.size == 1:
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(int(seeds[0])), i))(
+                jnp.arange(b)
+            )
+        elif seeds.size == b:
+            keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+        else:
+            raise ValueError(f"seed must be an int or one per image ({b}); got {seeds.size}")
+        if latents is None:
+            noise = _per_example_normal(keys, 0, shape[1:])
+        else:
+            noise = jnp.asarray(latents, jnp.float32)
+            if noise.shape != shape:
+                raise ValueError(f"latents must be NHWC {list(shape)}; got {list(noise.shape)}")
+
+        sampler = sampler or cfg.scheduler.default_sampler
+        spec = GenerateSpec(cfg, mode, sampler, int(steps), schedule, hw, self.dtype, progress)
+        spec.plan  # noqa: B018 - validates sampler / steps / schedule before any device work
+        inputs = {
+            "input_ids": self.tokenize(prompts),
+            "negative_ids": self.tokenize(negatives),
+            "keys": keys,
+            "noise": noise,
+        }
+        if image_arr is not None:
+            inputs["image"] = image_arr
+        if mask_arr is not None:
+            inputs["mask"] = mask_arr
+        n_dev = self.mesh.devices.size
+        pad = (-b) % n_dev
+        batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        inputs = {k: _pad(v, pad) for k, v in inputs.items()}
+        inputs = jax.device_put(inputs, batch_sharding)
+        scalars = {
+            "guidance_scale": np.float32(guidance_scale),
+            "guidance_rescale": np.float32(guidance_rescale),
+            "eta": np.float32(eta),
+            "strength": np.float32(strength),
+            # diffusers computes int(steps * strength) in float64 on the host; doing the
+            # same here keeps the step count identical (still a traced value: no recompile).
+            "start_index": np.int32(samplers.start_index_for_strength(spec.plan, float(strength))),
+        }
+        inputs.update(jax.device_put(scalars, NamedSharding(self.mesh, PartitionSpec())))
+        images = _generate_jit(self.params, inputs, spec=spec)
+        return np.asarray(jax.device_get(images))[:b]
+
+    def text_to_image(self, prompt, **kwargs) -> np.ndarray:
+        """Generate images from text.
+
+        Args:
+          prompt: a string or a list of strings.
+          negative_prompt: str | list[str] | None (None: the empty prompt).
+          height, width: pixels, multiples of 8 (default: the UNet's sample_size * 8).
+          steps: inference steps.
+          guidance_scale: classifier-free guidance weight (<= 1: no guidance).
+          guidance_rescale: Lin et al. 2023 rescale, in [0, 1].
+          sampler: one of ``samplers.SAMPLERS`` (default: the scheduler config's).
+          schedule: None (as the scheduler config says) or "karras" / "exponential".
+          eta: DDIM eta.
+          seed: an int (image i uses fold_in(key(seed), i)) or one int per image.
+          latents: optional start noise, NHWC [B, H/8, W/8, C] (scaled by the sampler's
+            init_noise_sigma, as diffusers does).
+          num_images_per_prompt: images for each prompt.
+          progress: show a progress bar.
+
+        Returns:
+          uint8 [B, H, W, 3].
+        """
+        return self._run("text_to_image", prompt, **kwargs)
+
+    def image_to_image(self, image, prompt, strength: float = 0.8, **kwargs) -> np.ndarray:
+        """Re-imagine ``image`` under ``prompt``: noise it to ``strength`` and denoise.
+
+        ``strength`` follows diffusers: ``int(steps * strength)`` steps are run,
+        starting from the image's latents noised to that step's level; 0 returns the
+        VAE reconstruction, 1 ignores the image. ``image``: PIL, uint8 or float [0, 1]
+        [B, H, W, 3]. Other keywords as :meth:`text_to_image`.
+        """
+        return self._run("image_to_image", prompt, image=image, strength=strength, **kwargs)
+
+    def inpaint(self, image, mask, prompt, strength: float = 1.0, **kwargs) -> np.ndarray:
+        """Repaint the region of ``image`` where ``mask`` is 1.
+
+        9-channel inpainting UNets get the mask and masked-image latents as extra
+        input channels; ordinary 4-channel UNets keep the unmasked latents pinned to
+        the (noised) original after every step. ``mask``: [B, H, W] (or PIL / [H, W]),
+        binarised at 0.5. Other keywords as :meth:`image_to_image`.
+        """
+        return self._run("inpaint", prompt, image=image, mask=mask, strength=strength, **kwargs)
+
+
+def _pad(x: Any, pad: int) -> Any:
+    if pad == 0:
+        return x
+    return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)

@@ -1,0 +1,285 @@
+"""The Stable Diffusion pipeline against diffusers' PyTorch pipelines.
+
+Tiny random models are built with diffusers/transformers, saved in diffusers
+format and loaded by jaxdiff; both sides then sample from the same NHWC/NCHW
+latents with the same prompts and must give the same uint8 images.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from tiny_sd import build_tiny_sd
+
+from jaxdiff import pipeline as pipeline_mod
+from jaxdiff import samplers
+from jaxdiff.models.sd import decode_latents, encode_images
+from jaxdiff.pipeline import StableDiffusion
+
+PROMPTS = ["a photo of a cat", "a watercolour painting of a lighthouse", "an astronaut"]
+NEGATIVE = ["blurry", "", "low quality"]
+STEPS = 10
+
+# sampler name -> (diffusers scheduler class, extra from_config kwargs, our schedule)
+REFERENCE = {
+    "ddim": ("DDIMScheduler", {}, None),
+    "pndm": ("PNDMScheduler", {}, None),
+    "lms": ("LMSDiscreteScheduler", {}, None),
+    "euler": ("EulerDiscreteScheduler", {}, None),
+    "heun": ("HeunDiscreteScheduler", {}, None),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, None),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "karras"),
+    "unipc": ("UniPCMultistepScheduler", {}, None),
+}
+
+
+def _reload(cls, d):
+    """The reference pipeline as a user gets it: loaded from the saved directory.
+
+    (An in-memory scheduler remembers which keys took defaults and drops them when
+    swapped with from_config; one loaded from scheduler_config.json does not.)
+    """
+    ref = cls.from_pretrained(d)
+    ref.set_progress_bar_config(disable=True)
+    ref.base_scheduler_config = ref.scheduler.config
+    return ref
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd1") / "model"
+    ref = _reload(type(build_tiny_sd(d, "sd1")), d)
+    return d, ref, StableDiffusion.from_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd2") / "model"
+    ref = _reload(type(build_tiny_sd(d, "sd2", scheduler="DDIMScheduler")), d)
+    return d, ref, StableDiffusion.from_pretrained(d)
+
+
+def _latents(b, seed=0, hw=8):
+    return np.random.RandomState(seed).randn(b, hw, hw, 4).astype(np.float32)
+
+
+def _reference(ref, sampler, latents, **kw):
+    import diffusers
+
+    cls, extra, _ = REFERENCE[sampler]
+    # Swap from the saved scheduler_config.json each time, as a user loading the model
+    # would: chaining from_config through earlier swaps would carry their defaults over.
+    ref.scheduler = getattr(diffusers, cls).from_config(ref.base_scheduler_config, **extra)
+    out = ref(
+        latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+        output_type="np",
+        **kw,
+    ).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def _mad(a, b) -> float:
+    return float(np.abs(a.astype(np.int32) - b.astype(np.int32)).mean())
+
+
+@pytest.mark.parametrize("sampler", list(REFERENCE))
+def test_text_to_image_matches_diffusers_sd1(sd1, sampler):
+    _, ref, pipe = sd1
+    lat = _latents(3)
+    ours = pipe.text_to_image(
+        PROMPTS,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        guidance_scale=7.5,
+        sampler=sampler.replace("_karras", ""),
+        schedule=REFERENCE[sampler][2],
+        latents=lat,
+        progress=False,
+    )
+    theirs = _reference(
+        ref, sampler, lat, prompt=PROMPTS, negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS, guidance_scale=7.5,
+    )  # fmt: skip
+    assert ours.shape == theirs.shape == (3, 16, 16, 3) and ours.dtype == np.uint8
+    assert ours.std() > 10, "images are flat: the comparison would be vacuous"
+    mad = _mad(ours, theirs)
+    print(f"\nSD1 text_to_image {sampler:16s} mean|diff| = {mad:.4f} uint8 levels")
+    assert mad <= 1.0
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "unipc"])
+def test_text_to_image_matches_diffusers_sd2_vpred(sd2, sampler):
+    _, ref, pipe = sd2
+    lat = _latents(2, seed=1)
+    ours = pipe.text_to_image(
+        PROMPTS[:2], steps=STEPS, guidance_scale=7.5, sampler=sampler, latents=lat,
+        guidance_rescale=0.3, progress=False,
+    )  # fmt: skip
+    theirs = _reference(
+        ref, sampler, lat, prompt=PROMPTS[:2], num_inference_steps=STEPS, guidance_scale=7.5,
+        guidance_rescale=0.3,
+    )  # fmt: skip
+    mad = _mad(ours, theirs)
+    print(f"\nSD2 (v-pred) text_to_image {sampler:10s} mean|diff| = {mad:.4f}")
+    assert ours.std() > 10
+    assert mad <= 1.0
+
+
+def test_default_sampler_comes_from_scheduler_config(sd2):
+    _, _, pipe = sd2
+    assert pipe.config.scheduler.default_sampler == "ddim"
+
+
+def test_changing_traced_values_does_not_recompile(sd1):
+    _, _, pipe = sd1
+    kw = dict(steps=4, sampler="euler_a", progress=False)
+    a = pipe.text_to_image("a photo of a cat", guidance_scale=7.5, seed=0, **kw)
+    size = pipeline_mod._generate_jit._cache_size()
+    b = pipe.text_to_image("an astronaut", guidance_scale=3.0, eta=0.5, seed=1, **kw)
+    c = pipe.text_to_image("an astronaut", guidance_scale=3.0, eta=0.5, seed=2, **kw)
+    assert pipeline_mod._generate_jit._cache_size() == size
+    assert _mad(a, b) > 0 and _mad(b, c) > 0  # the values did reach the computation
+    d = pipe.text_to_image("an astronaut", guidance_scale=3.0, eta=0.5, seed=2, **kw)
+    np.testing.assert_array_equal(c, d)  # and seeds are reproducible
+
+
+def test_sharded_batch_matches_single_device(sd1):
+    _, _, pipe = sd1
+    one = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
+    assert pipe.mesh.devices.size == 8
+    kw = dict(steps=5, sampler="dpmpp_2m", num_images_per_prompt=1, progress=False)
+    prompts = PROMPTS + ["a handwritten digit seven", "a photo of a cat"]  # 5: not / 8
+    sharded = pipe.text_to_image(prompts, seed=3, **kw)
+    single = one.text_to_image(prompts, seed=3, **kw)
+    assert sharded.shape == (5, 16, 16, 3)
+    assert _mad(sharded, single) <= 0.01 and np.abs(sharded.astype(int) - single).max() <= 1
+
+
+def test_image_to_image_small_strength_is_the_vae_round_trip(tmp_path):
+    # Unit-variance latents, as a trained SD VAE gives: the noise levels then mean what
+    # they mean for a real model.
+    build_tiny_sd(tmp_path / "m", "sd1", deterministic_vae=True, vae_scaling_factor=4.5)
+    pipe = StableDiffusion.from_pretrained(tmp_path / "m")
+    rng = np.random.RandomState(0)
+    image = (rng.rand(2, 16, 16, 3) * 255).astype(np.uint8)
+    x = jnp.asarray(image, jnp.float32) / 127.5 - 1
+    # With a (near-)deterministic posterior, strength 0 runs no step and returns exactly
+    # the VAE round trip; a small strength changes the image a little, strength 1 a lot.
+    lat = encode_images(pipe.params["vae"], x, pipe.config)
+    recon = decode_latents(pipe.params["vae"], lat, pipe.config)
+    recon = np.asarray(jnp.round(jnp.clip(recon / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8))
+    kw = dict(steps=20, sampler="ddim", progress=False, guidance_scale=1.0)
+    zero = pipe.image_to_image(image, ["a photo of a cat"] * 2, strength=0.0, **kw)
+    small = pipe.image_to_image(image, ["a photo of a cat"] * 2, strength=0.05, **kw)  # 1 step
+    large = pipe.image_to_image(image, ["a photo of a cat"] * 2, strength=1.0, **kw)
+    assert _mad(zero, recon) <= 0.01
+    assert _mad(small, zero) < 4 < _mad(large, zero)
+    print(f"\nimg2img vs VAE round trip: 0.05 {_mad(small, zero):.2f}, 1.0 {_mad(large, zero):.2f}")
+
+
+def test_inpaint_4ch_pins_unmasked_latents_at_every_step(tmp_path, monkeypatch):
+    d = tmp_path / "m"
+    build_tiny_sd(d, "sd1", deterministic_vae=True)
+    pipe = StableDiffusion.from_pretrained(d, devices=jax.devices()[:1])
+    records = []
+    real_sample = samplers.sample
+
+    def spy(model_fn, x_init, plan, *, step_hook=None, **kw):
+        def hook(x, idx):
+            y = step_hook(x, idx)
+            jax.debug.callback(lambda a, i: records.append((int(i), np.asarray(a))), y, idx)
+            return y
+
+        return real_sample(model_fn, x_init, plan, step_hook=hook, **kw)
+
+    monkeypatch.setattr(pipeline_mod.samplers, "sample", spy)
+    rng = np.random.RandomState(1)
+    image = (rng.rand(1, 16, 16, 3) * 255).astype(np.uint8)
+    mask = np.zeros((1, 16, 16), np.float32)
+    mask[:, :8, :] = 1.0  # repaint the top half = latent rows 0..3
+    runs = []
+    for prompt, g in (("a photo of a cat", 7.5), ("an astronaut", 2.0)):
+        records.clear()
+        pipe.inpaint(image, mask, prompt, steps=6, sampler="euler", guidance_scale=g,
+                     seed=5, progress=False)  # fmt: skip
+        runs.append(sorted(records, key=lambda r: r[0]))
+    assert [r[0] for r in runs[0]] == list(range(1, 7))
+    x = jnp.asarray(image, jnp.float32) / 127.5 - 1
+    image_latents = np.asarray(encode_images(pipe.params["vae"], x, pipe.config))
+    for (i, a), (_, b) in zip(*runs):
+        # Unmasked (bottom) latents do not depend on the prompt or guidance at any step...
+        np.testing.assert_array_equal(a[:, 4:], b[:, 4:])
+        # ... while the masked region does.
+        assert np.abs(a[:, :4] - b[:, :4]).max() > 1e-3, i
+    # After the last step the unmasked latents are exactly the image's latents.
+    np.testing.assert_allclose(runs[0][-1][1][:, 4:], image_latents[:, 4:], atol=1e-5)
+
+
+def test_inpaint_9ch_matches_diffusers(tmp_path):
+    d = tmp_path / "m"
+    ref = _reload(type(build_tiny_sd(d, "inpaint", deterministic_vae=True)), d)
+    pipe = StableDiffusion.from_pretrained(d)
+    rng = np.random.RandomState(2)
+    image = (rng.rand(2, 16, 16, 3) * 255).astype(np.uint8)
+    mask = np.zeros((2, 16, 16), np.float32)
+    mask[0, 4:12, 4:12] = 1.0
+    mask[1, :, 8:] = 1.0
+    lat = _latents(2, seed=4)
+    prompts = PROMPTS[:2]
+    ours = pipe.inpaint(image, mask, prompts, steps=STEPS, sampler="pndm", latents=lat,
+                        progress=False)  # fmt: skip
+    theirs = ref(
+        prompt=prompts,
+        image=torch.from_numpy(image.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1),
+        mask_image=torch.from_numpy(mask[:, None]),
+        height=16,
+        width=16,
+        num_inference_steps=STEPS,
+        latents=torch.from_numpy(lat.transpose(0, 3, 1, 2).copy()),
+        output_type="np",
+    ).images
+    theirs = (theirs * 255).round().astype(np.uint8)
+    mad = _mad(ours, theirs)
+    print(f"\n9-channel inpaint vs diffusers mean|diff| = {mad:.4f}")
+    assert ours.std() > 10
+    assert mad <= 1.0
+
+
+def test_bfloat16_runs_and_stays_close(sd1):
+    d, _, pipe = sd1
+    bf = StableDiffusion.from_pretrained(d, dtype=jnp.bfloat16)
+    assert jax.tree.leaves(bf.params)[0].dtype == jnp.bfloat16
+    kw = dict(steps=5, sampler="ddim", latents=_latents(1), progress=False)
+    a = pipe.text_to_image("a photo of a cat", **kw)
+    b = bf.text_to_image("a photo of a cat", **kw)
+    assert _mad(a, b) < 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=15, width=16), "multiples of"),  # the tiny VAE downsamples x2
+        (dict(prompt=[]), "empty"),
+        (dict(sampler="nope"), "valid samplers"),
+        (dict(steps=0), "num_steps"),
+        (dict(latents=np.zeros((1, 4, 4, 4), np.float32)), "latents"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+    ],
+)
+def test_bad_input_is_a_clear_error(sd1, kwargs, message):
+    _, _, pipe = sd1
+    kwargs = {"prompt": "a cat", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pipe.text_to_image(progress=False, **kwargs)
+
+
+def test_mask_shape_mismatch_is_a_clear_error(sd1):
+    _, _, pipe = sd1
+    image = np.zeros((1, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="mask shape"):
+        pipe.inpaint(image, np.zeros((1, 8, 8)), "a cat", progress=False)
+    with pytest.raises(ValueError, match="dtype"):
+        StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, dtype=jnp.int8)
