@@ -86,8 +86,12 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
-    with open(path, "wb") as f:
+    # Write aside and rename: arrays may be memory-mapped views of the file being
+    # replaced (load, edit, save back), and truncating a mapped file in place crashes.
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in arrays:
             f.write(arr.tobytes())
+    os.replace(tmp, path)
