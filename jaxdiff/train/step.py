@@ -205,8 +205,8 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "mse": aux["mse"],
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(trainable),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(trainable),
         }
         if schedule is not None:
             metrics["lr"] = schedule(state.step)

@@ -1,0 +1,112 @@
+"""The ``jaxdiff`` command: ``jaxdiff <subcommand> ...``.
+
+    jaxdiff train --config configs/digits.py:tiny --workdir runs/tiny --config.total_steps=100
+
+Each subcommand is a function taking the parsed arguments (and the arguments
+argparse did not recognise); :data:`SUBCOMMANDS` maps names to
+``(add_arguments, run)`` pairs, so new subcommands (``sample``, ``convert``)
+are one entry each. The work itself lives in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+CONFIG_PREFIX = "--config."
+
+
+def config_overrides(extra: Sequence[str]) -> list[str]:
+    """``--config.a.b=1`` / ``--config.a.b 1`` arguments -> ``["a.b=1", ...]``.
+
+    Raises:
+      ValueError: for any other argument, or an override without a value.
+    """
+    out, i = [], 0
+    extra = list(extra)
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith(CONFIG_PREFIX) or len(arg) == len(CONFIG_PREFIX):
+            raise ValueError(f"unrecognised argument {arg!r}")
+        key, sep, value = arg[len(CONFIG_PREFIX) :].partition("=")
+        if not sep:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ValueError(f"{arg} needs a value ({arg}=VALUE)")
+            value, i = extra[i + 1], i + 1
+        out.append(f"{key}={value}")
+        i += 1
+    return out
+
+
+# ------------------------------------------------------------------ train
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = "jaxdiff train --config FILE.py[:VARIANT] --workdir DIR [--config.KEY=VALUE ...]"
+    p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+    p.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+
+
+def train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """Train from a config file; rerun the same command to resume.
+
+    Loads ``--config``, applies the ``--config.KEY=VALUE`` overrides, checks the
+    result and calls :func:`jaxdiff.train.loop.train_and_evaluate`.
+
+    Returns:
+      The exit code: 0 when training finished or was stopped by a signal (after
+      saving), 2 for a bad config.
+    """
+    from jaxdiff.configs import apply_overrides, load_config
+    from jaxdiff.train.setup import check_config
+
+    try:
+        config = load_config(args.config)
+        apply_overrides(config, config_overrides(extra))
+        check_config(config)
+    except (ValueError, FileNotFoundError) as e:
+        # A config mistake (unknown key, bad value, missing file) is one line, not a trace.
+        print(f"jaxdiff train: error: {e}", file=sys.stderr)
+        return 2
+    from jaxdiff.train.loop import train_and_evaluate  # imports jax: after the config is valid
+
+    summary = train_and_evaluate(config, args.workdir)
+    if summary.get("preempted"):
+        print("training stopped by a signal; checkpoint saved")
+    elif summary.get("export"):
+        print(f"done: model exported to {summary['export']}")
+    return 0
+
+
+# name -> (add its arguments, run it with (args, unrecognised args) -> exit code)
+SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "train": (_train_arguments, train),
+}
+# Subcommands whose extra arguments are config overrides.
+_ACCEPTS_OVERRIDES = {"train"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per entry of :data:`SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(prog="jaxdiff", description="Stable Diffusion in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run) in SUBCOMMANDS.items():
+        doc = (run.__doc__ or "").strip().splitlines()
+        p = sub.add_parser(name, help=doc[0] if doc else None)
+        add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxdiff`` command; returns the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in _ACCEPTS_OVERRIDES:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    _, run = SUBCOMMANDS[args.command]
+    return run(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
