@@ -80,8 +80,18 @@ def train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 # name -> (add its arguments, run it with (args, unrecognised args) -> exit code)
+def _lazy(module: str) -> tuple[Callable, Callable]:
+    """(add_arguments, run) of a subcommand living in its own module."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    return mod.add_arguments, mod.run
+
+
 SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (_train_arguments, train),
+    "sample": _lazy("jaxdiff.cli_sample"),
+    "convert": _lazy("jaxdiff.cli_convert"),
 }
 # Subcommands whose extra arguments are config overrides.
 _ACCEPTS_OVERRIDES = {"train"}
@@ -104,8 +114,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _ACCEPTS_OVERRIDES:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    _enable_compile_cache()
     _, run = SUBCOMMANDS[args.command]
     return run(args, extra)
+
+
+def _enable_compile_cache() -> None:
+    """A persistent XLA compilation cache, so a second ``jaxdiff`` run skips compiling.
+
+    ``JAXDIFF_COMPILE_CACHE`` picks the directory (default ``~/.cache/jaxdiff/xla``);
+    set it to an empty string to turn the cache off.
+    """
+    import os
+
+    path = os.environ.get(
+        "JAXDIFF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff", "xla")
+    )
+    if not path:
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # the caller (e.g. tests) chose one already
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 if __name__ == "__main__":

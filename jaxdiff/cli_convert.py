@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="permit a pickled .ckpt file")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, extra=()) -> int:
+    """Convert an original single-file checkpoint to a diffusers-format directory."""
     from jaxdiff.weights.pretrained import load_config, load_single_file, save_pretrained
 
     config = load_config(args.config_dir)

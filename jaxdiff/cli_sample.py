@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="grid.png", help="grid PNG; images go beside it")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, extra=()) -> int:
+    """Generate images (text-to-image, image-to-image, inpainting) as a PNG grid."""
     import jax.numpy as jnp
 
     from jaxdiff.images import load_image, make_grid, save_png
