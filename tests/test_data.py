@@ -98,7 +98,11 @@ def test_digits_batches_shapes_ranges_captions():
     ds = data.digits_dataset(batch_size=16, seed=3)
     batches = _take(ds, 4)
     b = batches[0]
-    assert set(b) == {"image", "caption", "label"}
+    assert set(b) == {"image", "caption", "label", "index"}
+    # "index" is each example's position in the split: the image and label found there.
+    x, y = data.load_digits_arrays("train", resolution=32)
+    np.testing.assert_array_equal(b["image"], x[b["index"]])
+    np.testing.assert_array_equal(b["label"], y[b["index"]])
     assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32
     assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
     np.testing.assert_array_equal(b["image"][..., 0], b["image"][..., 2])  # grey as RGB
@@ -128,6 +132,28 @@ def test_digits_epochs_reshuffle_and_resume_across_epoch_boundary():
         state = json.loads(json.dumps(it.get_state()))  # survives the JSON checkpoint item
         expected = _take_from(it, 3)  # crosses into the second epoch
     _assert_batches_equal(_take(ds, 3, state=state), expected)
+    # Every epoch, "index" still points at the example's own image in the split.
+    x, _ = data.load_digits_arrays("test")
+    for b in batches:
+        np.testing.assert_array_equal(b["image"], x[b["index"]])
+
+
+def test_examples_carry_their_record_index_across_epochs_and_shards():
+    records = [f"r{i}" for i in range(8)]
+
+    def example(record, rng):
+        return None if record == "r2" else {"name": record}  # r2 fails to decode
+
+    for shard in range(2):
+        ds = data.build_pipeline(
+            records, example, batch_size=3, seed=1, shard_index=shard, shard_count=2, num_threads=0
+        )
+        batches = _take(ds, 4)  # 4 (or 3 readable) records per shard: three epochs
+        for b in batches:
+            assert b["index"].dtype == np.int64
+            assert [records[i] for i in b["index"]] == list(b["name"])
+            assert all(i % 2 == shard for i in b["index"])
+        assert len({int(i) for b in batches for i in b["index"]}) == (3 if shard == 0 else 4)
 
 
 def test_digits_shards_partition_the_split():

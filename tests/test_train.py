@@ -90,6 +90,56 @@ def test_tiny_digits_run_learns_logs_and_exports(tiny_run):
     assert vae_cfg["scaling_factor"] == summary["model_config"].vae.scaling_factor != 0.18215
 
 
+def test_tiny_run_reports_quality_of_its_export(tiny_run):
+    from jaxdiff import evaluation
+    from jaxdiff.pipeline import StableDiffusion
+
+    workdir, summary = tiny_run
+    report = json.loads((workdir / "report.json").read_text())
+    assert report == json.loads(json.dumps(summary["report"]))  # floats round-trip exactly
+    digits = [str(d) for d in range(10)]
+    assert report["count_per_digit"] == dict.fromkeys(digits, 2)
+    assert report["num_generated"] == 20 and report["num_real_test"] == 300
+    assert sorted(report["accuracy_per_digit"]) == digits
+    assert all(a in (0.0, 0.5, 1.0) for a in report["accuracy_per_digit"].values())
+    # Equal counts: the overall accuracy is the mean of the per-digit ones.
+    assert report["accuracy"] == pytest.approx(np.mean(list(report["accuracy_per_digit"].values())))
+    assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["classifier_test_accuracy"] <= 1.0
+    assert report["frechet_distance"] >= 0.0 and report["reference_frechet_distance"] > 0.0
+    assert report["frechet_ratio"] == pytest.approx(
+        report["frechet_distance"] / report["reference_frechet_distance"]
+    )
+    sampling = report["sampling"]
+    assert sampling == {
+        "prompt": "a handwritten digit {d}",
+        "samples_per_prompt": 2,
+        "steps": 5,
+        "guidance_scale": 2.0,
+        "sampler": "ddim",
+        "seed": 0,
+    }
+
+    # The grid: one row per digit, both samples of each, 16x16 tiles with 2-pixel borders.
+    grid = np.asarray(Image.open(workdir / "samples" / "final_grid.png"))
+    assert grid.shape == (10 * 18 + 2, 2 * 18 + 2, 3)
+
+    # Sampling the export again gives the grid's images, and the cached classifier
+    # scores them as report.json says: the report judges exactly the exported model.
+    pipe = StableDiffusion.from_pretrained(workdir / "export")
+    prompts = [f"a handwritten digit {d}" for d in range(10)]
+    images = pipe.text_to_image(
+        prompts, num_images_per_prompt=2, steps=5, guidance_scale=2.0, sampler="ddim", seed=0
+    )
+    tiles = [
+        grid[2 + r * 18 : r * 18 + 18, 2 + c * 18 : c * 18 + 18] for r in range(10) for c in (0, 1)
+    ]
+    np.testing.assert_array_equal(np.stack(tiles), images)
+    classifier = evaluation.load_or_train(workdir / "digit_classifier.msgpack", steps=20)
+    again = evaluation.digits_report(images, np.repeat(np.arange(10), 2), classifier)
+    for key in ("accuracy", "frechet_distance", "reference_frechet_distance"):
+        assert again[key] == pytest.approx(report[key], rel=1e-6), key
+
+
 def test_export_loads_and_runs_in_diffusers(tiny_run):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -135,7 +185,11 @@ def test_export_loads_in_jaxdiff_pipeline(tiny_run):
 
 def test_sharded_steps_match_one_device(tiny_run, tmp_path):
     workdir, _ = tiny_run
-    config = tiny_config(f"model.pretrained={workdir / 'export'}", "mesh.fsdp_min_size=1024")
+    config = tiny_config(
+        f"model.pretrained={workdir / 'export'}",
+        "mesh.fsdp_min_size=1024",
+        "train.cache_latents=False",  # the steps take the pixels below
+    )
     model = setup.build_model(config, tmp_path)
     data = HostBatches(config)
     host_batches = []
@@ -177,6 +231,29 @@ def test_sharded_steps_match_one_device(tiny_run, tmp_path):
         assert per_leaf <= 1e-5 and overall <= 1e-5, name
     # The steps did change the trainable networks.
     assert max_relative_error(one["params"]["unet"], load_export(workdir / "export")["unet"]) > 1e-4
+
+
+def test_cached_latents_are_each_examples_encoding(tiny_run, tmp_path):
+    from jaxdiff.models.sd import encode_images
+
+    workdir, _ = tiny_run
+    config = tiny_config(f"model.pretrained={workdir / 'export'}")
+    assert config.train.cache_latents
+    model = setup.build_model(config, tmp_path)
+    phase = phases.diffusion_phase(config, model, parallel.make_mesh(data=8), None, lambda c: None)
+    phase.build_step(phase.init())  # encodes the whole train split once
+    data = HostBatches(config)
+    raw = [next(data) for _ in range(2)]
+    data.close()
+    for b in raw:
+        batch = phase.make_batch(b)
+        assert set(batch) == {"input_ids", "latents"}
+        # The scaled posterior mode of the very images the batch would have carried.
+        expected = encode_images(model.params["vae"], b["image"], model.config)
+        assert batch["latents"].shape == (8, 8, 8, 4)
+        np.testing.assert_allclose(batch["latents"], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match=r"no cached latents for example index \[1497\]"):
+        phase.make_batch({"caption": np.array(["a 1"]), "index": np.array([1497])})
 
 
 # ------------------------------------------------------------------ preemption and resume
@@ -254,6 +331,7 @@ def _fine_tune(tiny_run, workdir, *overrides):
         "total_steps=2",
         "log_every=1",
         "save_every=100",
+        "eval.kind=",  # digit prompts judge nothing here; the straight run's report covers it
         *overrides,
     )
     return train_and_evaluate(config, workdir)
@@ -377,6 +455,10 @@ def test_host_batches_read_what_more_hosts_would_read():
         (["model.pretrained=/nonexistent"], "is not a diffusers-format directory"),
         (["data.source=folder"], "needs data.path"),
         (["save_every=0"], "save_every=0 must be >= 1"),
+        (["data.random_flip=True"], "cache_latents needs the same image every epoch"),
+        (["eval.kind=fid"], "unknown eval.kind 'fid'"),
+        (["eval.samples_per_prompt=0"], "eval.samples_per_prompt=0 must be >= 1"),
+        (["eval.prompt=a digit"], "must contain '{d}'"),
     ],
 )
 def test_check_config_names_the_problem(overrides, match):

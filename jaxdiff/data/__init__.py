@@ -1,7 +1,8 @@
 """Grain input pipelines: digits (built in), image folders, tfds.
 
 All yield dicts of numpy arrays {"image": float32 [B, H, W, 3] in [-1, 1],
-"caption": str [B]} (digits add "label": int32 [B]), read only this host's
+"caption": str [B], "index": int64 [B]} (the example's position in its
+source; digits add "label": int32 [B]), read only this host's
 shard, repeat forever reshuffling each epoch, and resume exactly through the
 iterator's `get_state()` / `set_state()`.
 
@@ -68,6 +69,7 @@ def make_dataset(
     shard_count: int | None = None,
     num_epochs: int | None = None,
     shuffle: bool = True,
+    drop_remainder: bool = True,
 ) -> grain.IterDataset:
     """The training dataset a config asks for.
 
@@ -82,6 +84,7 @@ def make_dataset(
       shard_count: number of hosts (default `jax.process_count()`).
       num_epochs: None (forever) for training; 1 for one evaluation pass.
       shuffle: shuffle each epoch.
+      drop_remainder: drop a final partial batch (only matters with num_epochs).
 
     Returns:
       grain.IterDataset of per-host batches of batch_size / shard_count examples.
@@ -113,6 +116,7 @@ def make_dataset(
         num_epochs=num_epochs,
         shard_index=index,
         shard_count=count,
+        drop_remainder=drop_remainder,
     )
     resolution = int(_field(data, "resolution", 32 if source == "digits" else 512))
     flip = bool(_field(data, "random_flip", False))

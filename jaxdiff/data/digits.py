@@ -127,7 +127,8 @@ def digits_dataset(
 
     Returns:
       grain.IterDataset of {"image": float32 [B, R, R, 3] in [-1, 1],
-      "caption": str [B], "label": int32 [B]}.
+      "caption": str [B], "label": int32 [B], "index": int64 [B]} (the
+      position in the split).
     """
     images, labels = _load_uint8(split, int(resolution), resample)
 

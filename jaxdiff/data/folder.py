@@ -109,7 +109,8 @@ def folder_dataset(
         see `pipeline.build_pipeline`.
 
     Returns:
-      grain.IterDataset of {"image": float32 [B, R, R, 3] in [-1, 1], "caption": str [B]}.
+      grain.IterDataset of {"image": float32 [B, R, R, 3] in [-1, 1], "caption": str [B],
+      "index": int64 [B]} (the record's position).
     """
     records = read_metadata(folder, image_key, caption_key)
     # Each bad file is reported once, not once per epoch. The counts make a

@@ -13,6 +13,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +40,17 @@ def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard_index={index} must lie in [0, shard_count={count})")
     return index, count
+
+
+def _indexed_example(
+    example_fn: ExampleFn, item: tuple[int, Any], rng: np.random.Generator
+) -> dict[str, Any] | None:
+    """``example_fn`` on the record, plus the record's position as "index" (int64)."""
+    position, record = item
+    example = example_fn(record, rng)
+    if example is None:
+        return None
+    return {**example, "index": np.int64(position)}
 
 
 def build_pipeline(
@@ -72,8 +84,10 @@ def build_pipeline(
         on demand). Close the iterator (`it.close()`) to stop them.
 
     Returns:
-      A `grain.IterDataset` of batches: each key stacked along a new leading
-      axis [batch_size, ...] (strings become numpy str arrays).
+      A `grain.IterDataset` of batches: each key `example_fn` returns stacked
+      along a new leading axis [batch_size, ...] (strings become numpy str
+      arrays), plus "index": int64 [batch_size], each example's position in
+      `records`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -86,12 +100,16 @@ def build_pipeline(
     # Independent streams for the order and for the per-example randomness.
     order_seed, example_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
-    ds = grain.MapDataset.source(records)
+    # Each record keeps its position in `records`: examples carry it as "index" (what a
+    # per-example cache, e.g. of VAE latents, is keyed by). Downstream of a repeat, grain
+    # passes indices past the end (epoch * len + position): hence the modulo.
+    n = len(records)
+    ds = grain.MapDataset.source(records).map_with_index(lambda i, record: (i % n, record))
     ds = ds[index : per_shard * count : count]
     if shuffle:
         ds = ds.shuffle(seed=order_seed)
     ds = ds.repeat(num_epochs)  # reseeds the shuffle every epoch
-    ds = ds.random_map(example_fn, seed=example_seed)
+    ds = ds.random_map(functools.partial(_indexed_example, example_fn), seed=example_seed)
     # Records mapped to None are dropped here, before batching, so batches stay full.
     # grain's default read-ahead (500 examples) suits small records; decoded
     # 512px float images are 3 MB each, so read ahead about two batches.

@@ -95,7 +95,8 @@ def tfds_dataset(
         see `pipeline.build_pipeline`.
 
     Returns:
-      grain.IterDataset of {"image": float32 [B, R, R, 3] in [-1, 1], "caption": str [B]}.
+      grain.IterDataset of {"image": float32 [B, R, R, 3] in [-1, 1], "caption": str [B],
+      "index": int64 [B]} (the record's position).
     """
     import tensorflow_datasets as tfds  # heavy import, only when used
 

@@ -13,7 +13,9 @@ The workdir holds ``checkpoints/<phase>/<step>`` (params, EMA, optimizer
 state, step, rng, data-iterator position, config), ``config.json``,
 ``metrics.jsonl``, ``tensorboard/``, ``samples/step_N.png``, the tokenizer of a
 from-scratch model and, when the last phase completes, ``export/``: a
-diffusers-format model (EMA weights when EMA is on). Rerunning the same command
+diffusers-format model (EMA weights when EMA is on). Then ``config.eval``
+may evaluate that export (:mod:`jaxdiff.train.final_eval`; for the digits:
+``samples/final_grid.png`` and ``report.json``). Rerunning the same command
 resumes from the newest readable checkpoint; SIGTERM/SIGINT save and return.
 """
 
@@ -34,7 +36,7 @@ from jax.sharding import Mesh
 from jaxdiff import parallel
 from jaxdiff.checkpoint import Checkpointer, PreemptionFlag, preemption_guard
 from jaxdiff.models.sd import SDConfig
-from jaxdiff.train import samples, setup
+from jaxdiff.train import final_eval, samples, setup
 from jaxdiff.train.data import HostBatches, batch_digest, tokenize
 from jaxdiff.train.metrics import MetricsLogger
 from jaxdiff.train.phases import DIFFUSION, VAE, Phase, diffusion_phase, host_copy, vae_phase
@@ -290,7 +292,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict:
     Returns:
       A summary: per phase ``{"step", "losses", "preempted", "resumed_from"}``,
       ``"preempted"`` (True if a stop signal ended the run early), ``"export"``
-      (the exported model's path, or None), ``"state"`` (the last phase's
+      (the exported model's path, or None), ``"report"`` (the final evaluation's
+      metrics, when ``config.eval`` asks for one), ``"state"`` (the last phase's
       TrainState, for callers in the same process) and ``"model_config"``.
     """
     setup.check_config(config)
@@ -366,6 +369,15 @@ def _run(
     summary["export"] = export(
         workdir / "export", summary["model_config"], result.state, model.tokenizer_dir
     )
+    if summary["export"] is not None:  # process 0 evaluates what it exported
+        evaluated = final_eval.evaluate(config, workdir, summary["export"])
+        if evaluated is not None:
+            summary["report"] = evaluated["report"]
+            print(
+                f"grid: {evaluated['grid']}, report: {evaluated['report_path']}, "
+                f"export: {summary['export']}",
+                flush=True,
+            )
     return summary
 
 

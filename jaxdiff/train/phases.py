@@ -12,6 +12,7 @@ the state donated.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from jaxdiff.models.sd import SDConfig, encode_images
 from jaxdiff.models.unet import init_unet
 from jaxdiff.train import optim, setup
 from jaxdiff.train.data import HostBatches, tokenize
+from jaxdiff.train.latent_cache import LatentCache, build_latent_cache
 from jaxdiff.train.step import StepConfig, TrainState, init_state, make_train_step
 from jaxdiff.train.vae_step import VAEStepConfig, make_vae_train_step
 
@@ -191,6 +193,10 @@ def diffusion_phase(
 ) -> Phase:
     """The diffusion phase: trainable networks against the frozen VAE.
 
+    With ``train.cache_latents`` the step gets ``"latents"`` looked up by example
+    index in a cache that ``build_step`` encodes once (:mod:`jaxdiff.train.latent_cache`)
+    instead of ``"pixels"`` to encode every step.
+
     Args:
       config: the run's config.
       model: configs, tokenizer and (fine-tuning) pretrained params.
@@ -242,6 +248,9 @@ def diffusion_phase(
         fn = lambda k, vae: init_from(make_params(k, vae), k_state)  # noqa: E731
         return jax.jit(fn, out_shardings=state_sh)(k_params, vae_params)
 
+    cache_latents = bool(config.train.get("cache_latents", False))
+    cache: dict[str, LatentCache] = {}
+
     def build_step(state: TrainState) -> Callable:
         final = sd_config
         if model.params is None and bool(config.vae_train.get("auto_scaling_factor", False)):
@@ -251,16 +260,31 @@ def diffusion_phase(
                 factor = final.vae.scaling_factor
                 print(f"[diffusion] latent std {std:.4g}: vae.scaling_factor = {factor}")
         on_config(final)
+        if cache_latents:
+            # Before the first step: the step donates the state, VAE params included.
+            start = time.perf_counter()
+            cache["latents"] = build_latent_cache(config, state.params["vae"], final, mesh)
+            if _is_main():
+                shape = "x".join(str(d) for d in cache["latents"].latents.shape[1:])
+                print(
+                    f"[diffusion] cached the {shape} latents of {len(cache['latents'])} examples "
+                    f"in {time.perf_counter() - start:.1f} s",
+                    flush=True,
+                )
         fn = make_train_step(final, step_cfg, tx, schedule)
         return _jit_step(fn, state_sh, mesh)
 
     max_length = model.max_length
 
     def make_batch(b: dict) -> dict:
-        return {
-            "input_ids": tokenize(model.tokenizer, b["caption"], max_length),
-            "pixels": np.asarray(b["image"], np.float32),
-        }
+        out = {"input_ids": tokenize(model.tokenizer, b["caption"], max_length)}
+        if not cache_latents:
+            out["pixels"] = np.asarray(b["image"], np.float32)
+        elif "latents" not in cache:
+            raise RuntimeError("train.cache_latents: build_step must run before make_batch")
+        else:
+            out["latents"] = cache["latents"].lookup(b["index"])
+        return out
 
     return Phase(
         name=DIFFUSION,

@@ -217,6 +217,13 @@ def check_config(config: Any) -> None:
             "diffusers-format directory (--config.model.pretrained=DIR) or the model's sizes"
         )
     data = config.data
+    if bool(config.train.get("cache_latents", False)):
+        from jaxdiff.train.latent_cache import check_cacheable
+
+        check_cacheable(data)
+    from jaxdiff.train.final_eval import check_eval_config
+
+    check_eval_config(config)
     if data.source == "folder" and not data.get("path"):
         raise ValueError("data.source='folder' needs data.path (the image folder)")
     if data.source == "tfds" and not data.get("tfds_name"):

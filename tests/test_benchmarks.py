@@ -1,0 +1,119 @@
+"""Smoke test of the benchmark scripts: their jaxdiff code paths at toy sizes.
+
+No timing is asserted. It runs ``benchmarks/cpu.py`` end to end for the
+jaxdiff contender alone (model build, the worker process and its protocol,
+the UNet, train-step and text-to-image items, the table and the JSON) and
+``benchmarks/gpu.py --tiny`` for the jaxdiff contender's UNet and VAE items, so
+the scripts keep working as the library changes. The peers (diffusers-Flax 0.39
+in its own venv, PyTorch) are left out: they are what the benchmarks measure
+against, not what this repository ships.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import common, cpu, gpu  # noqa: E402
+
+
+def test_common_helpers():
+    s = common.summarize([0.3, 0.1, 0.2])
+    assert s["n"] == 3 and s["median_s"] == 0.2 and s["min_s"] == 0.1
+    assert common.ratio(1.0, 4.0) == 0.25 and common.ratio(None, 1.0) is None
+    text = common.table(["item", "a"], [["x", "1.0 ms"], ["longer", "2.00 s"]])
+    assert text.splitlines()[0].startswith("item") and "longer" in text
+    env = common.worker_env(2)
+    assert "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", "")
+    assert env["OMP_NUM_THREADS"] == "2"
+
+
+def test_cpu_benchmark_jaxdiff_tiny(tmp_path):
+    out = tmp_path / "cpu.json"
+    args = cpu.parse_args(
+        [
+            "--config",
+            "tiny",
+            "--contenders",
+            "jaxdiff",
+            # unet_b8 and vae_decode add compile time, not code paths (the gpu test
+            # below decodes): the smoke test stays under a minute on 2 cores.
+            "--items",
+            "unet_b2",
+            "train_step",
+            "t2i_20",
+            "--repeats",
+            "1",
+            "--repeats-slow",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
+    report = cpu.run(args)
+    saved = json.loads(out.read_text())
+    assert saved["results"]["jaxdiff"]["devices"] == 1
+    items = saved["results"]["jaxdiff"]["items"]
+    assert set(items) == {"unet_b2", "train_step", "t2i_20"}
+    for item, r in items.items():
+        assert "error" not in r, (item, r)
+        assert r["n"] == 1 and r["median_s"] > 0 and r["compile_s"] >= 0
+    assert report["goals"]["unet_b2 vs torch"]["met"] is None  # no peer ran
+    work = tmp_path / "work"
+    images = np.load(work / "out_jaxdiff_t2i_20.npy")
+    spec = json.loads((work / "spec.json").read_text())
+    assert images.dtype == np.uint8 and images.shape[0] == spec["batches"]["t2i_20"]
+    unet = np.load(work / "out_jaxdiff_unet_b2.npy")
+    assert unet.shape == (2, 8, 8, 4) and np.isfinite(unet).all()
+    assert np.isfinite(np.load(work / "out_jaxdiff_train_step.npy"))
+
+
+def test_cpu_agreement_and_report(tmp_path):
+    a = np.zeros((2, 4, 4, 4), np.float32)
+    b = a + 1e-3
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    outputs = {"unet_b2": {"jaxdiff": str(tmp_path / "a.npy"), "torch": str(tmp_path / "b.npy")}}
+    agreement = cpu._agreement(outputs, ["unet_b2"])
+    assert abs(agreement["unet_b2"]["jaxdiff-torch"]["max_abs_diff"] - 1e-3) < 1e-9
+    results = {
+        "jaxdiff": {"items": {"unet_b2": {"median_s": 0.5, "compile_s": 2.0}}},
+        "torch": {"items": {"unet_b2": {"median_s": 1.0, "compile_s": 0.1}}},
+    }
+    text, rows, goals = cpu._report(results, ["unet_b2"], agreement)
+    assert goals["unet_b2 vs torch"] == {"ratio": 0.5, "limit": 1.0, "met": True}
+    assert "0.50x" in text
+
+
+def test_gpu_script_tiny_on_cpu(tmp_path):
+    args = gpu.parse_args(
+        [
+            "--tiny",
+            "--contenders",
+            "jaxdiff",
+            "--items",
+            "unet_b2",
+            "vae_decode",
+            "--out",
+            str(tmp_path),
+            "--budget",
+            "300",
+        ]
+    )
+    report = gpu.run(args)
+    items = report["results"]["jaxdiff"]["items"]
+    assert {"unet_b2", "vae_decode"} <= set(items)
+    for item in ("unet_b2", "vae_decode"):
+        assert items[item]["median_s"] > 0, items[item]
+    assert items["unet_b2"]["flop"] > 0  # XLA cost analysis
+    assert items["train_step"] == {"skipped": "not selected"}
+    assert (tmp_path / "gpu.json").exists() and (tmp_path / "gpu.txt").exists()
