@@ -1,0 +1,1041 @@
+"""GPU benchmark at Stable Diffusion 1.5 shapes, prepared for one call on a lent H100/H200.
+
+Contenders, each in its own process, one after another (each gets the whole GPU):
+
+  jaxdiff        bf16: UNet forward at batch 2 and 16, VAE decode 8 x 512^2, one train
+                 step at batch 8 (fp32 master weights, bf16 compute, AdamW), 50-step
+                 text-to-image for 8 images with guidance; a bf16 matmul ceiling and
+                 XLA's FLOP count of the UNet, hence the achieved fraction of the ceiling
+  torch          diffusers 0.42 PyTorch, fp16 inference / bf16-autocast training (the
+                 DESIGN.md yardsticks' settings), plus bf16 UNet forwards
+  flax039        diffusers-Flax 0.39 (bf16), its pipeline's pmap path for sampling
+  torch_compile  torch.compile(unet) forwards at batch 2 and 16 (fp16)
+
+Random weights (the timings do not depend on them), random latents, prompts
+through a CLIP-format tokenizer from ``jaxdiff.tokenizer.save_clip_tokenizer``.
+
+A hard time budget (``--budget``, seconds for the whole run) is split between
+the contenders; an item that would start after its contender's deadline is
+skipped and marked so, a worker that overruns is killed, and whatever was
+measured is kept: results are written after every item. Writes
+``gpu.json`` and ``gpu.txt`` (the table) under ``--out`` (``$OUT`` on the
+device machine).
+
+Peers on the device machine: its image has jax, flax, torch and transformers 5
+but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
+``.bench/wheels``; carry that folder and this script installs them into
+/tmp/site-torch (diffusers 0.42.1) and /tmp/site-flax039 (diffusers 0.39.0 +
+transformers 4.57 + its hub/tokenizers pins) and puts each on its own worker's
+PYTHONPATH only.
+
+Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 420
+Run (CPU, smoke, tiny shapes):  python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file: python benchmarks/gpu.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
+
+CONTENDERS = ("jaxdiff", "torch", "flax039", "torch_compile")
+# Share of the time budget per contender (the unused part of one passes on to the next).
+SHARES = {"jaxdiff": 6.0, "torch": 1.5, "flax039": 3.0, "torch_compile": 1.5}
+# Items in priority order per contender; names are shared so the table lines up.
+ITEMS = {
+    "jaxdiff": (
+        "matmul",
+        "unet_b2",
+        "unet_b16",
+        "vae_decode",
+        "train_step",
+        "t2i",
+        "unet_b16_cudnn",
+    ),
+    "torch": (
+        "matmul",
+        "unet_b2",
+        "unet_b16",
+        "vae_decode",
+        "train_step",
+        "t2i",
+        "unet_b2_bf16",
+        "unet_b16_bf16",
+    ),
+    "flax039": ("unet_b2", "unet_b16", "vae_decode", "train_step", "t2i"),
+    "torch_compile": ("unet_b16", "unet_b2"),
+}
+ROW_ORDER = (
+    "matmul",
+    "unet_b2",
+    "unet_b16",
+    "unet_b16_cudnn",
+    "unet_b2_bf16",
+    "unet_b16_bf16",
+    "vae_decode",
+    "train_step",
+    "t2i",
+)
+PROMPTS = [
+    "a photo of a cat",
+    "a watercolour painting of a lighthouse at dusk",
+    "an astronaut riding a horse on the moon",
+    "a bowl of fruit on a wooden table",
+]
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+GUIDANCE = 7.5
+LR = 1e-5
+
+_SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+)
+_SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+_SD15_CLIP = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "unet": _SD15_UNET,
+        "vae": _SD15_VAE,
+        "clip": _SD15_CLIP,
+        "batches": {"unet_b2": 2, "unet_b16": 16, "vae_decode": 8, "train_step": 8, "t2i": 8},
+        "steps": 50,
+        "matmul": 8192,
+        "repeats": {
+            "matmul": 10,
+            "unet_b2": 20,
+            "unet_b16": 10,
+            "vae_decode": 5,
+            "train_step": 5,
+            "t2i": 2,
+        },
+    },
+    # Same code paths at toy sizes, for a CPU smoke run (--tiny).
+    "tiny": {
+        "unet": dict(
+            _SD15_UNET,
+            sample_size=8,
+            block_out_channels=(32, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=2,
+            cross_attention_dim=32,
+        ),
+        "vae": dict(
+            _SD15_VAE,
+            block_out_channels=(32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            sample_size=16,
+        ),
+        "clip": dict(
+            _SD15_CLIP,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        "batches": {"unet_b2": 2, "unet_b16": 4, "vae_decode": 2, "train_step": 2, "t2i": 2},
+        "steps": 3,
+        "matmul": 256,
+        "repeats": {k: 2 for k in ("matmul", "unet_b2", "unet_b16", "vae_decode", "train_step")}
+        | {"t2i": 1},
+    },
+}
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _base(item: str) -> str:
+    """The shapes' item of a variant: "unet_b2_bf16" and "unet_b2" share inputs and repeats."""
+    return item.replace("_bf16", "").replace("_cudnn", "")
+
+
+def _spec(cfg: dict, item: str) -> tuple[int, int]:
+    """(batch, latent side) of an item."""
+    return cfg["batches"].get(_base(item), 0), cfg["unet"]["sample_size"]
+
+
+def _inputs(cfg: dict, item: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """NCHW numpy inputs of an item; every contender transposes to its own layout."""
+    rng = np.random.default_rng(seed)
+    b, s = _spec(cfg, item)
+    d = cfg["unet"]["cross_attention_dim"]
+    base = _base(item)
+    if base.startswith("unet"):
+        return {
+            "x": rng.standard_normal((b, 4, s, s), np.float32),
+            "t": np.linspace(1, 981, b).astype(np.int32),
+            "ctx": rng.standard_normal((b, 77, d), np.float32),
+        }
+    if base == "vae_decode":
+        return {"z": rng.standard_normal((b, 4, s, s), np.float32)}
+    if base == "train_step":
+        return {
+            "latents": rng.standard_normal((b, 4, s, s), np.float32),
+            "ids": rng.integers(0, 500, (b, 77)).astype(np.int32),
+        }
+    if base == "t2i":
+        return {"noise": rng.standard_normal((b, 4, s, s), np.float32)}
+    return {}
+
+
+def _prompts(cfg: dict) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(cfg["batches"]["t2i"])]
+
+
+def _nhwc(a):
+    return np.transpose(a, (0, 2, 3, 1))
+
+
+def random_params(abstract: Any, seed: int = 0) -> Any:
+    """Random values for a params tree of ShapeDtypeStructs, shaped like a trained net's.
+
+    Kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.02^2), biases and embeddings
+    ~ N(0, 0.02^2): activations keep their scale through a deep net (no under- or
+    overflow in bf16), and no array is all zeros (which can time faster than data).
+    Each leaf is a random window of one pool of 2^24 normal draws, made on the
+    host: drawing SD 1.5's billion values one by one takes half a minute, and a
+    jitted per-leaf draw compiles for minutes.
+    """
+    import jax
+    from flax import traverse_util
+
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(1 << 24, dtype=np.float32)
+    out = {}
+    for path, s in traverse_util.flatten_dict(dict(abstract)).items():
+        size = int(np.prod(s.shape))
+        if size <= pool.size:
+            start = int(rng.integers(0, pool.size - size + 1))
+            n = pool[start : start + size].reshape(s.shape).copy()
+        else:
+            n = np.resize(pool, s.shape)
+        name = path[-1]
+        if name == "kernel":
+            n *= np.float32(1.0 / np.sqrt(max(int(np.prod(s.shape[:-1])), 1)))
+        elif name == "scale":
+            n = 1.0 + np.float32(0.02) * n
+        else:
+            n *= np.float32(0.02)
+        out[path] = jax.device_put(n.astype(s.dtype))
+    return traverse_util.unflatten_dict(out)
+
+
+def _cost_flops(compiled) -> float | None:
+    """FLOPs of a compiled XLA executable from its cost analysis, if it reports them."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends have none
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+class _Runner:
+    """Times the items of one contender under a deadline and saves after each item."""
+
+    def __init__(self, name: str, cfg: dict, deadline: float, result_path: Path, sync):
+        self.name, self.cfg, self.deadline, self.path, self.sync = (
+            name,
+            cfg,
+            deadline,
+            result_path,
+            sync,
+        )
+        self.selected: set[str] = set()
+        self.result: dict[str, Any] = {"contender": name, "items": {}, "info": {}}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.result, indent=1))
+        tmp.replace(self.path)
+
+    def wants(self, item: str) -> bool:
+        """Whether ``item`` should run: selected, and the deadline not passed."""
+        return (not self.selected or item in self.selected) and time.time() < self.deadline
+
+    def skip_reason(self, item: str) -> str:
+        return "not selected" if self.selected and item not in self.selected else "over budget"
+
+    def skip(self, item: str, why: str) -> None:
+        self.result["items"][item] = {"skipped": why}
+        self.save()
+
+    def add(self, item: str, **fields) -> None:
+        """Attach computed fields (callables, run now) to an item that was measured."""
+        entry = self.result["items"].get(item, {})
+        if "median_s" not in entry:
+            return
+        for key, make in fields.items():
+            try:
+                entry[key] = make()
+            except Exception as e:  # a nice-to-have: never lose the timing over it
+                entry[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
+        self.save()
+
+    def run(self, item: str, fn, extra: dict | None = None) -> None:
+        """First call (compile + run), then repeats until done or out of time."""
+        if not self.wants(item):
+            self.skip(item, self.skip_reason(item))
+            return
+        print(f"[{self.name}] {item} ...", file=sys.stderr, flush=True)
+        try:
+            first, _ = common.timed(fn, self.sync)
+            times = []
+            for _ in range(self.cfg["repeats"].get(_base(item), 3)):
+                if time.time() > self.deadline and times:
+                    break
+                times.append(common.timed(fn, self.sync)[0])
+        except Exception as e:  # record and go on with the next item
+            self.result["items"][item] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            self.save()
+            print(f"[{self.name}] {item} failed: {e}", file=sys.stderr, flush=True)
+            return
+        s = common.summarize(times)
+        s["first_call_s"] = first
+        s["compile_s"] = max(first - s["median_s"], 0.0)
+        if extra:
+            s.update(extra)
+        self.result["items"][item] = s
+        self.save()
+        print(
+            f"[{self.name}] {item}: {common.fmt_s(s['median_s'])} "
+            f"(first {common.fmt_s(first)}, n={s['n']})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------- contenders
+
+
+def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from transformers import CLIPTokenizer
+
+    from jaxdiff.models.autoencoder import AutoencoderConfig, vae_decode
+    from jaxdiff.models.clip import CLIPTextConfig
+    from jaxdiff.models.sd import SDConfig, abstract_params, apply_unet
+    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from jaxdiff.pipeline import StableDiffusion
+    from jaxdiff.schedules import SchedulerConfig
+    from jaxdiff.tokenizer import save_clip_tokenizer
+    from jaxdiff.train import optim
+    from jaxdiff.train.step import StepConfig, init_state, make_train_step
+
+    info = runner.result["info"]
+    info.update(jax=jax.__version__, devices=[str(d) for d in jax.devices()])
+    tok_dir = save_clip_tokenizer(work / "tokenizer", PROMPTS * 3, num_merges=200)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    config = SDConfig(
+        unet=UNetConfig.from_diffusers(cfg["unet"]),
+        vae=AutoencoderConfig.from_diffusers(cfg["vae"]),
+        text_encoder=CLIPTextConfig(
+            **cfg["clip"],
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        ),
+        scheduler=SchedulerConfig.from_dict(SCHEDULER),
+    )
+    t0 = time.perf_counter()
+    params32 = random_params(abstract_params(config))
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params32)
+    jax.block_until_ready(params16)
+    info["init_s"] = time.perf_counter() - t0
+    bf16 = jnp.bfloat16
+
+    # The ceiling: one big bf16 matmul, as the floor column of DESIGN.md uses.
+    n = cfg["matmul"]
+    ka, kb = jax.random.split(jax.random.PRNGKey(1))
+    a = jax.random.normal(ka, (n, n), bf16)
+    b = jax.random.normal(kb, (n, n), bf16)
+    mm = jax.jit(jnp.dot)
+    runner.run("matmul", lambda: mm(a, b), {"flop": 2.0 * n**3})
+    mm_item = runner.result["items"].get("matmul", {})
+    if "median_s" in mm_item:
+        info["ceiling_flops_per_s"] = 2.0 * n**3 / mm_item["median_s"]
+
+    unet_fn = jax.jit(apply_unet, static_argnames=("config", "dtype", "remat"))
+    unet_inputs = {}
+    for item in ("unet_b2", "unet_b16"):
+        inp = _inputs(cfg, item)
+        x, t, ctx = jnp.asarray(_nhwc(inp["x"])), jnp.asarray(inp["t"]), jnp.asarray(inp["ctx"])
+        unet_inputs[item] = (x, t, ctx)
+        runner.run(
+            item,
+            lambda x=x, t=t, ctx=ctx: unet_fn(params16["unet"], x, t, ctx, config, bf16),
+        )
+        # After the timed calls, so the first call's time still includes the compile
+        # (lower().compile() shares the jit's executable cache).
+        runner.add(
+            item,
+            flop=lambda x=x, t=t, ctx=ctx: _cost_flops(
+                unet_fn.lower(params16["unet"], x, t, ctx, config, bf16).compile()
+            ),
+        )
+
+    dec = jax.jit(vae_decode, static_argnames=("config", "dtype"))
+    z = jnp.asarray(_nhwc(_inputs(cfg, "vae_decode")["z"]))
+    runner.run("vae_decode", lambda: dec(params16["vae"], z, config.vae, bf16))
+
+    if runner.wants("train_step"):
+        tx = optim.make_optimizer(
+            optim.trainable_labels({"unet": params32["unet"]}, ("unet",)),
+            optax.constant_schedule(LR),
+            weight_decay=1e-2,
+            clip_norm=1.0,
+        )
+        step_cfg = StepConfig(trainable=("unet",), compute_dtype=bf16, ema_decay=None)
+        state_box = [init_state(params32, tx, step_cfg, jax.random.key(0))]
+        step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+        inp = _inputs(cfg, "train_step")
+        batch = {
+            "latents": jnp.asarray(_nhwc(inp["latents"])),
+            "input_ids": jnp.asarray(inp["ids"] % config.text_encoder.vocab_size),
+        }
+        step_rng = jax.random.key(1)  # not state.rng: the state is donated
+
+        def train_step():
+            state_box[0], metrics = step(state_box[0], batch, step_rng)
+            return state_box[0], metrics
+
+        runner.run("train_step", train_step)
+        runner.add(
+            "train_step",
+            flop=lambda: _cost_flops(step.lower(state_box[0], batch, step_rng).compile()),
+        )
+        del state_box
+    else:
+        runner.skip("train_step", runner.skip_reason("train_step"))
+
+    if runner.wants("t2i"):
+        pipe = StableDiffusion(config, params16, tokenizer, dtype=bf16)
+        noise = _nhwc(_inputs(cfg, "t2i")["noise"])
+        prompts = _prompts(cfg)
+        runner.run(
+            "t2i",
+            lambda: pipe.text_to_image(
+                prompts,
+                steps=cfg["steps"],
+                guidance_scale=GUIDANCE,
+                sampler="ddim",
+                latents=noise,
+                progress=False,
+            ),
+        )
+    else:
+        runner.skip("t2i", runner.skip_reason("t2i"))
+
+    # jax.nn.dot_product_attention(implementation=None) is always XLA's einsum path;
+    # cuDNN's fused attention must be asked for. Through the UNet's attention hook:
+    if jax.default_backend() == "gpu" and runner.wants("unet_b16_cudnn"):
+
+        def cudnn_attention(module, q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, scale=module.scale, implementation="cudnn")
+
+        model = UNet2DConditionModel(config.unet, dtype=bf16, attention_fn=cudnn_attention)
+        fn = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+        x, t, ctx = unet_inputs["unet_b16"]
+        runner.run("unet_b16_cudnn", lambda: fn(params16["unet"], x, t, ctx))
+
+
+def _torch_setup(cfg: dict, work: Path, compile_unet: bool):
+    import diffusers
+    import torch
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from jaxdiff.tokenizer import save_clip_tokenizer
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # fp16 is what the DESIGN.md yardsticks used; CPU kernels lack some fp16 paths.
+    half = torch.float16 if dev == "cuda" else torch.bfloat16
+    info = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "half": str(half),
+    }
+    tok_dir = save_clip_tokenizer(work / "tokenizer_torch", PROMPTS * 3, num_merges=200)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        unet = diffusers.UNet2DConditionModel(**cfg["unet"])
+        vae = diffusers.AutoencoderKL(**cfg["vae"])
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                **cfg["clip"],
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        )
+    return torch, diffusers, dev, half, info, tokenizer, unet, vae, text_encoder
+
+
+def _torch_unet(torch, cfg: dict, item: str, dev: str, dtype, net):
+    inp = _inputs(cfg, item)
+    x = torch.from_numpy(inp["x"]).to(dev, dtype)
+    t = torch.from_numpy(inp["t"]).to(dev).long()
+    ctx = torch.from_numpy(inp["ctx"]).to(dev, dtype)
+
+    def call():
+        with torch.inference_mode():
+            return net(x, t, encoder_hidden_states=ctx).sample
+
+    return call
+
+
+def _torch_decode(torch, cfg: dict, dev: str, half, vae):
+    vae_half = vae.to(half).eval()
+    z = torch.from_numpy(_inputs(cfg, "vae_decode")["z"]).to(dev, half)
+
+    def decode():
+        with torch.inference_mode():
+            return vae_half.decode(z).sample
+
+    return decode
+
+
+def _torch_train(torch, diffusers, cfg: dict, dev: str, half, unet, text_encoder, vocab: int):
+    """diffusers' train_text_to_image.py step with --mixed_precision bf16 (fp32 weights)."""
+    train_unet = diffusers.UNet2DConditionModel(**cfg["unet"]).to(dev)
+    train_unet.load_state_dict(unet.state_dict())
+    train_unet.train()
+    opt = torch.optim.AdamW(
+        train_unet.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
+    )
+    sched = diffusers.DDPMScheduler.from_config(SCHEDULER)
+    inp = _inputs(cfg, "train_step")
+    latents = torch.from_numpy(inp["latents"]).to(dev)
+    ids = torch.from_numpy(inp["ids"] % vocab).to(dev).long()
+    te = text_encoder.to(half).eval()
+
+    def step():
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],), device=dev)
+        noisy = sched.add_noise(latents, noise, t)
+        with torch.no_grad():
+            ctx = te(ids)[0]
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            pred = train_unet(noisy, t, encoder_hidden_states=ctx).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(train_unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _torch_t2i(torch, diffusers, cfg: dict, dev: str, half, parts: dict):
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=parts["vae"].to(half),
+        text_encoder=parts["text_encoder"].to(half),
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"].to(half),
+        scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.from_numpy(_inputs(cfg, "t2i")["noise"]).to(dev, half)
+    prompts = _prompts(cfg)
+
+    def t2i():
+        with torch.inference_mode():
+            return pipe(
+                prompts,
+                num_inference_steps=cfg["steps"],
+                guidance_scale=GUIDANCE,
+                latents=noise,
+                output_type="np",
+            ).images
+
+    return t2i
+
+
+def _worker_torch(cfg: dict, runner: _Runner, work: Path, compiled: bool) -> None:
+    torch, diffusers, dev, half, info, tokenizer, unet, vae, text_encoder = _torch_setup(
+        cfg, work, compiled
+    )
+    runner.result["info"].update(info)
+
+    def sync(_):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    runner.sync = sync
+    torch.backends.cuda.matmul.allow_tf32 = True  # as diffusers' training scripts allow
+    items = ITEMS["torch_compile" if compiled else "torch"]
+
+    if "matmul" in items:
+        n = cfg["matmul"]
+        a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        runner.run("matmul", lambda: a @ b, {"flop": 2.0 * n**3})
+
+    # The training copy is made from the fp32 weights before the inference copy is cast.
+    train_fn = None
+    if "train_step" in items and runner.wants("train_step"):
+        train_fn = _torch_train(
+            torch, diffusers, cfg, dev, half, unet, text_encoder, len(tokenizer)
+        )
+    unet_half = unet.to(half).eval()
+    model = torch.compile(unet_half) if compiled else unet_half
+    for item in items:
+        if item == "matmul":
+            continue
+        if not runner.wants(item):
+            runner.skip(item, runner.skip_reason(item))
+        elif item in ("unet_b2", "unet_b16"):
+            runner.run(item, _torch_unet(torch, cfg, item, dev, half, model))
+        elif item.endswith("_bf16"):
+            net = unet_half.to(torch.bfloat16)
+            runner.run(item, _torch_unet(torch, cfg, item, dev, torch.bfloat16, net))
+        elif item == "vae_decode":
+            runner.run(item, _torch_decode(torch, cfg, dev, half, vae))
+        elif item == "train_step" and train_fn is not None:
+            runner.run(item, train_fn)
+            train_fn = None  # frees the training copy and its optimizer state
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        elif item == "t2i":
+            parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_half)
+            runner.run(item, _torch_t2i(torch, diffusers, cfg, dev, half, parts))
+
+
+def _worker_flax039(cfg: dict, runner: _Runner, work: Path) -> None:
+    import diffusers
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import transformers
+    from diffusers import (
+        FlaxAutoencoderKL,
+        FlaxDDIMScheduler,
+        FlaxDDPMScheduler,
+        FlaxStableDiffusionPipeline,
+        FlaxUNet2DConditionModel,
+    )
+    from flax.jax_utils import replicate
+    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+
+    from jaxdiff.tokenizer import save_clip_tokenizer
+
+    runner.result["info"].update(
+        jax=jax.__version__,
+        flax=flax.__version__,
+        diffusers=diffusers.__version__,
+        transformers=transformers.__version__,
+        devices=[str(d) for d in jax.devices()],
+    )
+    bf16 = jnp.bfloat16
+    tok_dir = save_clip_tokenizer(work / "tokenizer_flax", PROMPTS * 3, num_merges=200)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    unet_cfg = {k: v for k, v in cfg["unet"].items() if k != "norm_num_groups"}
+    unet = FlaxUNet2DConditionModel(**unet_cfg, dtype=bf16)
+    unet32 = FlaxUNet2DConditionModel(**unet_cfg, dtype=bf16)  # fp32 params, bf16 compute
+    vae = FlaxAutoencoderKL(**cfg["vae"], dtype=bf16)
+    clip_cfg = CLIPTextConfig(
+        **cfg["clip"],
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    text_encoder = FlaxCLIPTextModel(clip_cfg, dtype=bf16, _do_init=False)
+    key = jax.random.PRNGKey(0)
+    unet_abs = jax.eval_shape(unet.init_weights, key)
+    vae_abs = jax.eval_shape(vae.init_weights, key)
+    text_abs = jax.eval_shape(lambda k: text_encoder.init_weights(k, (1, 77)), key)
+    params32 = {
+        "unet": random_params(unet_abs, 1),
+        "vae": random_params(vae_abs, 2),
+        "text_encoder": random_params(text_abs, 3),
+    }
+    p16 = jax.tree.map(lambda a: a.astype(bf16), params32)
+
+    unet_fn = jax.jit(
+        lambda p, x, t, c: unet.apply({"params": p}, x, t, encoder_hidden_states=c).sample
+    )
+    for item in ("unet_b2", "unet_b16"):
+        inp = _inputs(cfg, item)
+        x, t = jnp.asarray(inp["x"], bf16), jnp.asarray(inp["t"])
+        ctx = jnp.asarray(inp["ctx"], bf16)
+        runner.run(item, lambda x=x, t=t, ctx=ctx: unet_fn(p16["unet"], x, t, ctx))
+
+    dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode).sample)
+    z = jnp.asarray(_inputs(cfg, "vae_decode")["z"], bf16)
+    runner.run("vae_decode", lambda: dec(p16["vae"], z))
+
+    if runner.wants("train_step"):
+        # diffusers' train_text_to_image_flax.py step with --mixed_precision bf16.
+        tx = optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
+        )
+        noise_sched = FlaxDDPMScheduler.from_config(SCHEDULER)
+        sched_state = noise_sched.create_state()
+        text_params = p16["text_encoder"]
+
+        def step_fn(state, batch, rng):
+            params, opt_state, step = state
+            k_noise, k_t = jax.random.split(jax.random.fold_in(rng, step))
+            latents = batch["latents"]
+            noise = jax.random.normal(k_noise, latents.shape)
+            t = jax.random.randint(k_t, (latents.shape[0],), 0, 1000)
+            noisy = noise_sched.add_noise(sched_state, latents, noise, t)
+            ctx = text_encoder(batch["input_ids"], params=text_params, train=False)[0]
+
+            def loss_fn(p):
+                pred = unet32.apply({"params": p}, noisy, t, ctx, train=False).sample
+                return jnp.mean(jnp.square(noise - pred.astype(jnp.float32)))
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, step + 1), loss
+
+        train_params = params32["unet"]
+        state_box = [(train_params, tx.init(train_params), jnp.zeros((), jnp.int32))]
+        step = jax.jit(step_fn, donate_argnums=0)
+        inp = _inputs(cfg, "train_step")
+        batch = {
+            "latents": jnp.asarray(inp["latents"]),
+            "input_ids": jnp.asarray(inp["ids"] % len(tokenizer)),
+        }
+        rng = jax.random.PRNGKey(1)
+
+        def train_step():
+            state_box[0], loss = step(state_box[0], batch, rng)
+            return state_box[0], loss
+
+        runner.run("train_step", train_step)
+        del state_box, params32
+    else:
+        runner.skip("train_step", runner.skip_reason("train_step"))
+
+    if runner.wants("t2i"):
+        scheduler = FlaxDDIMScheduler.from_config(SCHEDULER)
+        pipe = FlaxStableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            dtype=bf16,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        ndev = jax.local_device_count()
+        pparams = replicate({**p16, "scheduler": scheduler.create_state()})
+        prompts = _prompts(cfg)
+        b = len(prompts)
+        if b % ndev:
+            runner.skip("t2i", f"{b} images do not split over {ndev} devices")
+            return
+        noise = jnp.asarray(_inputs(cfg, "t2i")["noise"]).reshape(ndev, b // ndev, 4, *z.shape[2:])
+        seeds = jax.random.split(jax.random.PRNGKey(0), ndev)
+
+        def t2i():
+            ids = pipe.prepare_inputs(prompts).reshape(ndev, b // ndev, -1)
+            return pipe(
+                ids,
+                pparams,
+                seeds,
+                num_inference_steps=cfg["steps"],
+                guidance_scale=GUIDANCE,
+                latents=noise,
+                jit=True,
+            ).images
+
+        runner.run("t2i", t2i)
+    else:
+        runner.skip("t2i", runner.skip_reason("t2i"))
+
+
+def _worker_main(args: argparse.Namespace) -> None:
+    cfg = CONFIGS[args.config]
+    work = Path(args.workdir)
+    runner = _Runner(args.worker, cfg, args.deadline, Path(args.result), sync=lambda _: None)
+    runner.selected = set(args.items or ())
+    if args.worker in ("jaxdiff", "flax039"):
+        import jax
+
+        runner.sync = jax.block_until_ready
+    if args.worker == "jaxdiff":
+        _worker_jaxdiff(cfg, runner, work)
+    elif args.worker == "flax039":
+        _worker_flax039(cfg, runner, work)
+    else:
+        _worker_torch(cfg, runner, work, compiled=args.worker == "torch_compile")
+    runner.save()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def install_wheels(wheels: Path, site: Path) -> str | None:
+    """pip-install the wheels in ``wheels`` into ``site`` (no index, no deps); None if none."""
+    whls = sorted(str(p) for p in wheels.glob("*.whl"))
+    if not whls:
+        return None
+    if site.exists():
+        return str(site)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+    cmd += ["--no-compile", "--no-cache-dir", "--target", str(site), *whls]
+    subprocess.run(cmd, check=True)
+    return str(site)
+
+
+def _have(module: str, pythonpath: str | None) -> bool:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    probe = [sys.executable, "-c", f"import {module}"]
+    return subprocess.run(probe, env=env, capture_output=True).returncode == 0
+
+
+def _report(results: dict[str, dict], cfg: dict) -> tuple[str, dict]:
+    names = [c for c in CONTENDERS if c in results]
+    items = [i for i in ROW_ORDER if any(i in results[c]["items"] for c in names)]
+    jd = results.get("jaxdiff", {}).get("items", {})
+    ceiling = results.get("jaxdiff", {}).get("info", {}).get("ceiling_flops_per_s")
+
+    def cell(c, i):
+        r = results[c]["items"].get(i)
+        if r is None:
+            return "-"
+        if "skipped" in r:
+            return "skipped"
+        if "error" in r:
+            return "error"
+        return common.fmt_s(r.get("median_s"))
+
+    def med(c, i):
+        return results.get(c, {}).get("items", {}).get(i, {}).get("median_s")
+
+    peers = [c for c in names if c != "jaxdiff"]
+    headers = ["item"] + names + [f"jaxdiff/{p}" for p in peers] + ["jaxdiff % of ceiling"]
+    rows = []
+    for i in items:
+        frac = "-"
+        flop = jd.get(i, {}).get("flop")
+        if ceiling and flop and med("jaxdiff", i) and i != "matmul":
+            frac = f"{100 * flop / med('jaxdiff', i) / ceiling:.0f}%"
+        rows.append(
+            [i]
+            + [cell(c, i) for c in names]
+            + [common.fmt_x(common.ratio(med("jaxdiff", i), med(p, i))) for p in peers]
+            + [frac]
+        )
+    for i in items:
+        if i == "matmul":
+            continue
+        comp = [results[c]["items"].get(i, {}).get("compile_s") for c in names]
+        if any(v is not None for v in comp):
+            cells = [common.fmt_s(v) for v in comp]
+            rows.append([f"compile {i}"] + cells + [""] * (len(peers) + 1))
+    lines = [common.table(headers, rows)]
+    if ceiling:
+        lines.append(f"\nbf16 matmul ceiling (jaxdiff/XLA): {ceiling / 1e12:.3g} TFLOP/s")
+    for i in ("unet_b2", "unet_b16", "train_step"):
+        flop = jd.get(i, {}).get("flop")
+        if flop:
+            b = cfg["batches"][i]
+            lines.append(
+                f"XLA cost analysis {i}: {flop / 1e9:.4g} GFLOP ({flop / b / 1e9:.4g} per sample)"
+            )
+    return "\n".join(lines), {"headers": headers, "rows": rows}
+
+
+def run(args: argparse.Namespace) -> dict:
+    t_start = time.time()
+    end = t_start + args.budget
+    cfg = CONFIGS["tiny" if args.tiny else "sd15"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="jaxdiff-gpu-"))
+    contenders = [c for c in CONTENDERS if not args.contenders or c in args.contenders]
+    notes: list[str] = []
+
+    wheels = Path(args.wheels)
+    pypaths: dict[str, str | None] = {"jaxdiff": None}
+    try:
+        pypaths["torch"] = install_wheels(wheels / "torch", Path("/tmp/site-torch"))
+        pypaths["flax039"] = install_wheels(wheels / "flax039", Path("/tmp/site-flax039"))
+    except subprocess.CalledProcessError as e:
+        notes.append(f"installing carried wheels failed: {e}")
+    pypaths["torch_compile"] = pypaths.get("torch")
+    if args.peer_python:  # a local venv (setup_peer.sh) runs flax039 on CPU
+        pypaths["flax039"] = None
+
+    results: dict[str, dict] = {}
+    for i, c in enumerate(contenders):
+        now = time.time()
+        if now > end - 10:
+            notes.append(f"{c}: skipped, over the time budget")
+            continue
+        python = args.peer_python if (c == "flax039" and args.peer_python) else sys.executable
+        module = "diffusers" if c != "jaxdiff" else "jaxdiff"
+        extra = pypaths.get(c)
+        path = os.pathsep.join(p for p in [extra, str(common.REPO)] if p)
+        if c != "jaxdiff" and python == sys.executable and not _have(module, path):
+            notes.append(f"{c}: skipped, no diffusers (carry .bench/wheels, see gpu_wheels.sh)")
+            continue
+        if c == "torch_compile" and args.tiny and not args.contenders:
+            notes.append("torch_compile: skipped in --tiny mode unless named in --contenders")
+            continue
+        rest = sum(SHARES[x] for x in contenders[i:])
+        deadline = now + (end - now) * SHARES[c] / rest
+        result_path = out / f"gpu_{c}.json"
+        env = common.worker_env()
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in [extra, str(common.REPO), os.environ.get("PYTHONPATH", "")] if p
+        )
+        if args.tiny:
+            env["JAX_PLATFORMS"] = "cpu"
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpu.py: torch on a shared CPU
+        elif "JAX_PLATFORMS" in env and env["JAX_PLATFORMS"] == "cpu" and c != "torch":
+            env.pop("JAX_PLATFORMS")
+        argv = [python, "-m", "benchmarks.gpu", "--worker", c, "--workdir", str(work)]
+        argv += ["--deadline", str(deadline), "--result", str(result_path)]
+        argv += ["--config", "tiny" if args.tiny else "sd15"]
+        if args.items:
+            argv += ["--items", *args.items]
+        print(f"== {c} (until +{deadline - t_start:.0f} s of {args.budget:.0f} s)", flush=True)
+        log = open(out / f"gpu_{c}.log", "w")  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(argv, cwd=common.REPO, env=env, stdout=log, stderr=log)
+            # Hard stop: the share plus a grace for the item in flight, never past the end.
+            proc.wait(timeout=max(min(deadline + args.grace, end) - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            notes.append(f"{c}: killed at its deadline; items not reported were cut off")
+        finally:
+            log.close()
+        if proc.returncode not in (0, None, -9):
+            tail = (out / f"gpu_{c}.log").read_text().splitlines()[-15:]
+            notes.append(f"{c}: exit code {proc.returncode}: " + " | ".join(tail)[-1500:])
+        if result_path.exists():
+            results[c] = json.loads(result_path.read_text())
+            result_path.unlink()
+        for line in (out / f"gpu_{c}.log").read_text().splitlines():
+            if line.startswith(f"[{c}]") and (":" in line) and "..." not in line:
+                print("  " + line, flush=True)
+
+    text, table = _report(results, cfg)
+    report = {
+        "benchmark": "gpu",
+        "config": "tiny" if args.tiny else "sd15",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": common.host_info(),
+        "budget_s": args.budget,
+        "wall_s": time.time() - t_start,
+        "results": results,
+        "table": table,
+        "notes": notes,
+    }
+    (out / "gpu.json").write_text(json.dumps(report, indent=1))
+    (out / "gpu.txt").write_text(text + "\n\n" + "\n".join(f"note: {n}" for n in notes) + "\n")
+    print()
+    print(text)
+    for n in notes:
+        print("note:", n)
+    print(f"wall {report['wall_s']:.0f} s of a {args.budget:.0f} s budget; wrote {out}/gpu.json")
+    return report
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu"))
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run")
+    p.add_argument("--grace", type=float, default=45.0, help="overrun allowed per contender")
+    p.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke run)")
+    p.add_argument("--contenders", nargs="*", choices=CONTENDERS)
+    p.add_argument("--items", nargs="*", choices=ROW_ORDER, help="subset of items (default all)")
+    p.add_argument("--wheels", default=str(common.REPO / ".bench" / "wheels"))
+    p.add_argument("--peer-python", help="python of a diffusers-Flax 0.39 venv (CPU runs)")
+    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="sd15", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        _worker_main(args)
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
