@@ -78,8 +78,85 @@ def dot_product_attention(
     dtype = q.dtype
     if upcast:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    if jax.default_backend() == "cpu":
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return _cpu_attention(q, k, v, scale).astype(dtype)
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)
     return out.astype(dtype)
+
+
+# Queries per block of the CPU attention: a block's logits, [B*N, 64, S] fp32, stay
+# in cache (256 KiB per head at S = 1024), where the whole [B*N, T, S] does not.
+_CPU_QUERY_BLOCK = 64
+
+
+def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Attention laid out for XLA:CPU: heads folded into the batch, queries in blocks.
+
+    ``jax.nn.dot_product_attention``'s einsums keep the heads between the token and
+    channel axes ("BTNH,BSNH->BNTS"), which XLA:CPU runs as strided batch matmuls
+    and cannot fuse with the softmax; [B*N, T, H] operands fuse into one kernel.
+    The scale goes on q ([T, H]) rather than on the logits ([T, S]). Long query
+    sequences are processed in blocks of ``_CPU_QUERY_BLOCK`` with ``lax.map`` so
+    each block's logits stay in cache, and the backward pass recomputes them from
+    the saved log-sum-exp (:func:`_softmax_attention`) instead of storing [T, S].
+
+    Args: q [B, T, N, H], k and v [B, S, N, H]. Returns [B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    q = q * jnp.asarray(scale, q.dtype)
+
+    def heads_first(a: jax.Array, length: int) -> jax.Array:  # [B, L, N, H] -> [B*N, L, H]
+        return a.transpose(0, 2, 1, 3).reshape(b * n, length, h)
+
+    qg, kg, vg = heads_first(q, t), heads_first(k, s), heads_first(v, s)
+    c = _CPU_QUERY_BLOCK
+    if t > c and t % c == 0:
+        blocks = qg.reshape(b * n, t // c, c, h).swapaxes(0, 1)  # [T/c, B*N, c, H]
+        out = jax.lax.map(lambda qb: _softmax_attention(qb, kg, vg), blocks)
+        out = out.swapaxes(0, 1).reshape(b * n, t, h)
+    else:
+        out = _softmax_attention(qg, kg, vg)
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
+def _logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    return jnp.einsum("gth,gsh->gts", q, k, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k^T) v`` over [G, T, H] x [G, S, H] (q already scaled); fp32 softmax."""
+    p = jax.nn.softmax(_logits(q, k), axis=-1)
+    return jnp.einsum("gts,gsh->gth", p.astype(v.dtype), v).astype(q.dtype)
+
+
+def _softmax_attention_fwd(q, k, v):
+    w = _logits(q, k)
+    m = jnp.max(w, axis=-1, keepdims=True)
+    e = jnp.exp(w - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("gts,gsh->gth", (e / total).astype(v.dtype), v).astype(q.dtype)
+    return out, (q, k, v, out, m + jnp.log(total))
+
+
+def _softmax_attention_bwd(res, d_out):
+    # The softmax backward of flash attention (Dao et al. 2022, Alg. 4): recompute
+    # P = exp(S - lse); dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O)).
+    q, k, v, out, lse = res
+    f32 = jnp.float32
+    p = jnp.exp(_logits(q, k) - lse)
+    dv = jnp.einsum("gts,gth->gsh", p, d_out, preferred_element_type=f32)
+    dp = jnp.einsum("gth,gsh->gts", d_out, v, preferred_element_type=f32)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    ds = p * (dp - delta)
+    dq = jnp.einsum("gts,gsh->gth", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("gts,gth->gsh", ds, q, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class Attention(nn.Module):
