@@ -27,6 +27,7 @@ from jaxdiff.models.layers import (  # noqa: E402
     GroupNorm,
     ResnetBlock2D,
     Upsample2D,
+    conv_general_dilated,
     timestep_embedding,
 )
 from jaxdiff.models.unet import (  # noqa: E402
@@ -373,6 +374,64 @@ def test_layers_match_diffusers():
         out = np.asarray(_apply(ours, ref_module, x_nhwc, **our_kw)).transpose(0, 3, 1, 2)
         assert out.shape == ref.shape, type(ours).__name__
         assert np.max(np.abs(out - ref)) <= TOL, type(ours).__name__
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (2, 3), (2, 5), (3, 3)])
+def test_layers_on_maps_smaller_than_the_kernel(hw):
+    """Output maps below 3x3 take the patches-times-matrix conv on CPU: same numbers as torch."""
+    h, w = hw
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 8, h, w)).astype(np.float32)
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    torch.manual_seed(5)
+    cases = [
+        (Downsample2D(12, padding=0), TorchDownsample2D(8, True, 12, padding=0)),
+        (Downsample2D(12, padding=1), TorchDownsample2D(8, True, 12, padding=1)),
+        (
+            ResnetBlock2D(16, groups=4, eps=1e-6),
+            TorchResnetBlock2D(in_channels=8, out_channels=16, temb_channels=None, groups=4),
+        ),
+    ]
+    for ours, ref_module in cases:
+        ref_module.eval()
+        kw = {"temb": None} if isinstance(ours, ResnetBlock2D) else {}
+        with torch.no_grad():
+            ref = ref_module(torch.from_numpy(x), **kw).numpy()
+        out = np.asarray(_apply(ours, ref_module, x_nhwc, **kw)).transpose(0, 3, 1, 2)
+        assert out.shape == ref.shape, type(ours).__name__
+        assert np.max(np.abs(out - ref)) <= TOL, type(ours).__name__
+
+
+@pytest.mark.parametrize(
+    "shape, strides, padding",
+    [
+        ((4, 2, 2, 6), (1, 1), ((1, 1), (1, 1))),
+        ((4, 4, 3, 6), (2, 2), ((1, 1), (1, 1))),
+        ((4, 4, 4, 6), (2, 2), ((0, 1), (0, 1))),
+        ((4, 1, 7, 6), (1, 2), ((1, 1), (0, 2))),
+        ((4, 8, 8, 6), (1, 1), ((1, 1), (1, 1))),  # large enough: lax itself
+    ],
+)
+def test_conv_general_dilated_matches_lax(shape, strides, padding):
+    """Values and both gradients of the CPU path equal ``lax.conv_general_dilated``'s."""
+    kx, kk = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], 5)) * 0.2
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def run(conv):
+        def loss(x, k):
+            y = conv(x, k, strides, padding, dimension_numbers=dn)
+            return jnp.sum(jnp.sin(y)), y
+
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, kernel)
+        return y, grads
+
+    y, (gx, gk) = run(conv_general_dilated)
+    y_ref, (gx_ref, gk_ref) = run(jax.lax.conv_general_dilated)
+    assert y.shape == y_ref.shape
+    for a, b in ((y, y_ref), (gx, gx_ref), (gk, gk_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
 
 
 def test_groupnorm_statistics_in_fp32():
