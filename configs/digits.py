@@ -13,7 +13,7 @@ exported model is sampled and judged (``eval``): ``samples/final_grid.png``
 (one row per digit) and ``report.json`` (accuracy under a classifier trained on
 real digits, Fréchet distance to the real test digits in its feature space).
 
-Variants: "" (the full run: 32x32 digits, latents 4x4x4, about 15 minutes on
+Variants: "" (the full run: 32x32 digits, latents 4x4x4, about 13 minutes on
 2 CPU cores) and "tiny" (the same code path at toy size: a few dozen steps,
 16x16 digits, still with EMA, checkpoints, export and the report).
 """

@@ -175,6 +175,9 @@ def run_phase(
             desc=phase.name,
             disable=not _is_main(),
             dynamic_ncols=True,
+            # Steps are dispatched asynchronously and block only when metrics are read:
+            # the rate since the start gives a steady ETA, a moving average does not.
+            smoothing=0.0,
         )
         with bar:
             while step < phase.total_steps:
