@@ -434,6 +434,37 @@ def test_conv_general_dilated_matches_lax(shape, strides, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("b, t, s, n, h", [(2, 128, 128, 2, 8), (1, 192, 7, 3, 4)])
+def test_attention_values_and_gradients_match_torch(monkeypatch, blocked, b, t, s, n, h):
+    """The CPU attention (query blocks, recomputing backward) against torch's SDPA autograd."""
+    import jaxdiff.models.attention as attention_module
+
+    # Blocks are used above _CPU_BLOCK_MIN_LOGITS logits; lower it to run them small.
+    monkeypatch.setattr(attention_module, "_CPU_BLOCK_MIN_LOGITS", 0 if blocked else 2**62)
+    rng = np.random.default_rng(7)
+    q, k, v, d_out = (
+        rng.standard_normal(shape).astype(np.float32)
+        for shape in ((b, t, n, h), (b, s, n, h), (b, s, n, h), (b, t, n, h))
+    )
+    scale = 0.3
+
+    def loss(q, k, v):
+        out = dot_product_attention(q, k, v, scale=scale)
+        return jnp.sum(out * d_out), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    tq, tk, tv = (
+        torch.from_numpy(a.transpose(0, 2, 1, 3).copy()).requires_grad_() for a in (q, k, v)
+    )
+    ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, scale=scale)
+    ref.backward(torch.from_numpy(d_out.transpose(0, 2, 1, 3).copy()))
+    to_bthn = lambda x: x.detach().numpy().transpose(0, 2, 1, 3)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(out), to_bthn(ref), atol=2e-5)
+    for name, ours, theirs in zip("qkv", grads, (tq.grad, tk.grad, tv.grad), strict=True):
+        np.testing.assert_allclose(np.asarray(ours), to_bthn(theirs), atol=5e-5, err_msg=name)
+
+
 def test_groupnorm_statistics_in_fp32():
     # bf16 activations with a large common offset: a bf16 accumulation of
     # 64*64*4 values per group, or a one-pass E[x^2] - mean^2 variance, would

@@ -88,6 +88,11 @@ def dot_product_attention(
 # Queries per block of the CPU attention: a block's logits, [B*N, 64, S] fp32, stay
 # in cache (256 KiB per head at S = 1024), where the whole [B*N, T, S] does not.
 _CPU_QUERY_BLOCK = 64
+# Up to this many logits (B*N*T*S; 2^24 fp32 = 64 MiB) one unblocked fused kernel
+# was faster: the small benchmark UNet at batch 2 (16 x 1024 x 1024 self-attention
+# logits) 208 -> 182 ms, cross-attention (S = 77) at any batch no slower. At batch 8
+# (2^26) blocks are 2x faster than the unblocked kernel.
+_CPU_BLOCK_MIN_LOGITS = 2**24
 
 
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -97,8 +102,9 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> ja
     channel axes ("BTNH,BSNH->BNTS"), which XLA:CPU runs as strided batch matmuls
     and cannot fuse with the softmax; [B*N, T, H] operands fuse into one kernel.
     The scale goes on q ([T, H]) rather than on the logits ([T, S]). Long query
-    sequences are processed in blocks of ``_CPU_QUERY_BLOCK`` with ``lax.map`` so
-    each block's logits stay in cache, and the backward pass recomputes them from
+    sequences with more than ``_CPU_BLOCK_MIN_LOGITS`` logits in all are processed in
+    blocks of ``_CPU_QUERY_BLOCK`` queries with ``lax.map`` so each block's logits
+    stay in cache, and the backward pass recomputes them from
     the saved log-sum-exp (:func:`_softmax_attention`) instead of storing [T, S].
 
     Args: q [B, T, N, H], k and v [B, S, N, H]. Returns [B, T, N, H].
@@ -112,7 +118,7 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> ja
 
     qg, kg, vg = heads_first(q, t), heads_first(k, s), heads_first(v, s)
     c = _CPU_QUERY_BLOCK
-    if t > c and t % c == 0:
+    if t > c and t % c == 0 and b * n * t * s > _CPU_BLOCK_MIN_LOGITS:
         blocks = qg.reshape(b * n, t // c, c, h).swapaxes(0, 1)  # [T/c, B*N, c, H]
         out = jax.lax.map(lambda qb: _softmax_attention(qb, kg, vg), blocks)
         out = out.swapaxes(0, 1).reshape(b * n, t, h)
@@ -143,16 +149,23 @@ def _softmax_attention_fwd(q, k, v):
 
 def _softmax_attention_bwd(res, d_out):
     # The softmax backward of flash attention (Dao et al. 2022, Alg. 4): recompute
-    # P = exp(S - lse); dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O)).
+    # P = exp(S - lse); dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O));
+    # dQ = dS K; dK = dS^T Q.
     q, k, v, out, lse = res
     f32 = jnp.float32
     p = jnp.exp(_logits(q, k) - lse)
-    dv = jnp.einsum("gts,gth->gsh", p, d_out, preferred_element_type=f32)
     dp = jnp.einsum("gth,gsh->gts", d_out, v, preferred_element_type=f32)
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     ds = p * (dp - delta)
     dq = jnp.einsum("gts,gsh->gth", ds, k, preferred_element_type=f32)
-    dk = jnp.einsum("gts,gth->gsh", ds, q, preferred_element_type=f32)
+    # dV and dK contract over the queries, the major axis of P and dS. Left alone, XLA
+    # folds a transpose into the dot's dimension numbers, and XLA:CPU runs a dot that
+    # contracts a non-minor axis of [G, 64, 1024] as a slow loop (~7 ms, vs under 1 ms
+    # for the matmul); the barrier keeps explicit transposed copies, which cost less.
+    # Measured in the benchmark's train step (benchmarks/NOTES.md): 2.30 -> 1.71 s.
+    p_t, ds_t = jax.lax.optimization_barrier((jnp.swapaxes(p, 1, 2), jnp.swapaxes(ds, 1, 2)))
+    dv = jnp.einsum("gst,gth->gsh", p_t.astype(d_out.dtype), d_out, preferred_element_type=f32)
+    dk = jnp.einsum("gst,gth->gsh", ds_t, q, preferred_element_type=f32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
