@@ -403,20 +403,23 @@ def test_layers_on_maps_smaller_than_the_kernel(hw):
 
 
 @pytest.mark.parametrize(
-    "shape, strides, padding",
+    "shape, size, strides, padding",
     [
-        ((4, 2, 2, 6), (1, 1), ((1, 1), (1, 1))),
-        ((4, 4, 3, 6), (2, 2), ((1, 1), (1, 1))),
-        ((4, 4, 4, 6), (2, 2), ((0, 1), (0, 1))),
-        ((4, 1, 7, 6), (1, 2), ((1, 1), (0, 2))),
-        ((4, 8, 8, 6), (1, 1), ((1, 1), (1, 1))),  # large enough: lax itself
+        ((4, 2, 2, 6), 3, (1, 1), ((1, 1), (1, 1))),
+        ((4, 4, 3, 6), 3, (2, 2), ((1, 1), (1, 1))),
+        ((4, 4, 4, 6), 3, (2, 2), ((0, 1), (0, 1))),
+        ((4, 1, 7, 6), 3, (1, 2), ((1, 1), (0, 2))),
+        ((4, 8, 8, 6), 3, (1, 1), ((1, 1), (1, 1))),  # large enough: lax itself
+        ((2, 5, 3, 6), 1, (1, 1), ((0, 0), (0, 0))),  # 1x1: a dot
+        ((2, 5, 3, 6), 1, (1, 1), "SAME"),
+        ((2, 5, 4, 6), 1, (2, 2), "VALID"),  # strided 1x1: lax
     ],
 )
-def test_conv_general_dilated_matches_lax(shape, strides, padding):
+def test_conv_general_dilated_matches_lax(shape, size, strides, padding):
     """Values and both gradients of the CPU path equal ``lax.conv_general_dilated``'s."""
     kx, kk = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(kx, shape)
-    kernel = jax.random.normal(kk, (3, 3, shape[-1], 5)) * 0.2
+    kernel = jax.random.normal(kk, (size, size, shape[-1], 5)) * 0.2
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
 
     def run(conv):

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import GroupNorm
+from jaxdiff.models.layers import GroupNorm, conv_general_dilated
 
 Dtype = Any
 # fn(module, q [B,T,N,H], k [B,S,N,H], v [B,S,N,H]) -> [B,T,N,H]
@@ -350,7 +350,9 @@ class Transformer2DModel(nn.Module):
         def proj(features: int, name: str) -> nn.Module:
             if self.use_linear_projection:
                 return nn.Dense(features, name=name, **kw)
-            return nn.Conv(features, (1, 1), name=name, **kw)
+            return nn.Conv(
+                features, (1, 1), name=name, conv_general_dilated=conv_general_dilated, **kw
+            )
 
         residual = x.astype(self.dtype)
         y = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)

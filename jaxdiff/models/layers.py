@@ -37,19 +37,26 @@ __all__ = [
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs):
-    """``lax.conv_general_dilated`` for ``nn.Conv``, with a CPU path for tiny feature maps.
+    """``lax.conv_general_dilated`` for ``nn.Conv``, with CPU paths where XLA:CPU is slow.
 
-    XLA:CPU runs a convolution whose output is smaller than its kernel (a 3x3
-    conv on a 2x2 map, as at the bottom of a small UNet) 3-18x slower than the
-    same conv written as patches times a matrix (measured on 2 cores, fp32,
-    batch 8-64, 64-256 channels, forward and gradient); from 4x4 up the two are
-    within ~30% either way and the native conv is kept. So on the CPU backend,
-    for an NHWC/HWIO conv (what ``nn.Conv`` emits) with explicit padding, no
-    dilation and no groups, whose output height or width is below the kernel's,
-    this gathers the ``kh*kw`` shifted windows into one [B*H'*W', kh*kw*C]
-    matrix and multiplies it by the kernel reshaped to [kh*kw*C, O]: the same
-    sum in another order. Everything else goes to ``lax.conv_general_dilated``.
+    Two kinds of convolution run much slower on XLA:CPU than the same sum as a
+    matrix product (measured on 2 cores, fp32; benchmarks/NOTES.md):
+
+    - 1x1 convolutions (resnet ``conv_shortcut``, the transformers' ``proj_in`` /
+      ``proj_out``): 2-7x forward, 2-3.5x gradient, e.g. 24.6 -> 3.5 ms for
+      [2, 256, 256, 64] -> 32 channels. They become one [B*H*W, C] x [C, O] dot.
+    - convolutions whose output is smaller than the kernel (a 3x3 conv on a 2x2
+      map, at the bottom of a small UNet): 3-18x. The ``kh*kw`` shifted windows
+      are gathered into one [B*H'*W', kh*kw*C] matrix and multiplied by the
+      kernel reshaped to [kh*kw*C, O]. From 4x4 maps up the native conv is within
+      ~30% either way and is kept.
+
+    Both apply on the CPU backend to an NHWC/HWIO conv (what ``nn.Conv`` emits)
+    without dilation or groups; everything else goes to ``lax.conv_general_dilated``.
     """
+    kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
+    if isinstance(padding, str) and (kh, kw) == (1, 1) and tuple(window_strides) == (1, 1):
+        padding = ((0, 0), (0, 0))  # SAME and VALID agree for a 1x1 stride-1 kernel
     simple = (
         jax.default_backend() == "cpu"
         and lhs.ndim == 4
@@ -60,9 +67,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
         and _is_nhwc(kwargs.get("dimension_numbers"))
     )
     if simple:
-        kh, kw, c, o = rhs.shape
+        _, _, c, o = rhs.shape
         (pt, pb), (pl, pr) = padding
         sh, sw = window_strides
+        precision = kwargs.get("precision")
+        b = lhs.shape[0]
+        if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any((pt, pb, pl, pr)):
+            out = jnp.dot(lhs.reshape(-1, c), rhs.reshape(c, o), precision=precision)
+            return out.reshape(*lhs.shape[:3], o)
         ho = (lhs.shape[1] + pt + pb - kh) // sh + 1
         wo = (lhs.shape[2] + pl + pr - kw) // sw + 1
         if min(ho, wo) < max(kh, kw):
@@ -73,8 +85,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                 for j in range(kw)
             ]
             patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * c)
-            out = jnp.dot(patches, rhs.reshape(kh * kw * c, o), precision=kwargs.get("precision"))
-            return out.reshape(lhs.shape[0], ho, wo, o)
+            out = jnp.dot(patches, rhs.reshape(kh * kw * c, o), precision=precision)
+            return out.reshape(b, ho, wo, o)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
 
@@ -191,7 +203,9 @@ class ResnetBlock2D(nn.Module):
 
         shortcut = x.astype(self.dtype)
         if cin != cout:
-            shortcut = nn.Conv(cout, (1, 1), name="conv_shortcut", **kw)(shortcut)
+            shortcut = nn.Conv(
+                cout, (1, 1), name="conv_shortcut", conv_general_dilated=conv_general_dilated, **kw
+            )(shortcut)
         return shortcut + h
 
 
