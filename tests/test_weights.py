@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -98,6 +99,8 @@ def test_export_round_trip_is_bit_exact_and_loads_in_diffusers(model_dir, tmp_pa
 
     kind, d = model_dir
     config, params = load_pretrained(d)
+    # Transposed kernels come back as contiguous copies, not strided views.
+    assert all(a.flags["C_CONTIGUOUS"] for a in jax.tree.leaves(params))
     out = save_pretrained(tmp_path / "export", config, params, d / "tokenizer")
     config2, params2 = load_pretrained(out)
     assert (config2.unet, config2.vae, config2.text_encoder) == (

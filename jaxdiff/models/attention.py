@@ -85,9 +85,11 @@ def dot_product_attention(
     return out.astype(dtype)
 
 
-# Queries per block of the CPU attention: a block's logits, [B*N, 64, S] fp32, stay
-# in cache (256 KiB per head at S = 1024), where the whole [B*N, T, S] does not.
-_CPU_QUERY_BLOCK = 64
+# Queries per block of the CPU attention: a block's logits, [B*N, 32, S] fp32, stay
+# in cache (128 KiB per head at S = 1024), where the whole [B*N, T, S] does not.
+# 32 vs 64 (same process, benchmark model): UNet batch 8 742 vs 799 ms, train step
+# 1.69 vs 1.77 s; 128 was slower still.
+_CPU_QUERY_BLOCK = 32
 # Up to this many logits (B*N*T*S; 2^24 fp32 = 64 MiB) one unblocked fused kernel
 # was faster: the small benchmark UNet at batch 2 (16 x 1024 x 1024 self-attention
 # logits) 208 -> 182 ms, cross-attention (S = 77) at any batch no slower. At batch 8

@@ -137,7 +137,8 @@ def state_dict_to_params(
       dtype: cast every array to this dtype (default: keep).
 
     Returns:
-      A nested dict of numpy arrays with exactly the structure of ``abstract_params``.
+      A nested dict of C-contiguous numpy arrays with exactly the structure of
+      ``abstract_params``.
 
     Raises:
       WeightsMismatchError: listing every missing, unexpected and mis-shaped key.
@@ -173,7 +174,10 @@ def state_dict_to_params(
             misshaped.append((key, tuple(arr.shape), want))
             misshaped_paths.add(module + (name,))
             continue
-        flat[module + (name,)] = arr.astype(dtype) if dtype is not None else arr
+        # Contiguous copies: a transposed view would be re-laid-out on every transfer
+        # (each call of a jitted function that takes the params as numpy arrays).
+        arr = arr.astype(dtype) if dtype is not None else arr
+        flat[module + (name,)] = np.ascontiguousarray(arr)
     missing = [
         module_path_to_torch_prefix(p[:-1]) + "." + _from_flax_leaf(p[-1], np.zeros((1,) * 2))[0]
         for p in expected
