@@ -12,6 +12,7 @@ import re
 import signal
 import struct
 import subprocess
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -174,6 +175,24 @@ def test_export_matches_diffusers_pipeline(tiny_run):
     assert r["jaxdiff"].shape == (3, 16, 16, 3)
     assert r["jaxdiff"].std() > 5, "flat images would make the comparison vacuous"
     assert r["mean_abs_diff"] <= 1.0, r["per_image_mean_abs_diff"]
+
+
+def test_compare_with_diffusers_script(tiny_run, tmp_path, capsys):
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "scripts" / "compare_with_diffusers.py"
+    spec = importlib.util.spec_from_file_location("compare_with_diffusers", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    workdir, _ = tiny_run
+    out = tmp_path / "compare.png"
+    argv = ["--model", str(workdir / "export"), "--prompt", "a 5", "--steps", "3"]
+    argv += ["--out", str(out)]
+    assert module.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "mean |diff|" in printed and out.exists()
+    # A tolerance no real comparison can meet turns into exit status 1.
+    assert module.main([*argv[:-2], "--tolerance", "-1"]) == 1
 
 
 def test_export_loads_in_jaxdiff_pipeline(tiny_run):
