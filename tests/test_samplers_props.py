@@ -166,7 +166,8 @@ def test_sharded_jit_and_pmap_match_single_device():
         return samplers.sample(model, x, plan, rng=keys)
 
     args = (x, cond, uncond, keys)
-    single = np.asarray(jax.jit(generate, device=jax.devices()[0])(*args, 5.0))
+    # Everything on one device: the single-device reference.
+    single = np.asarray(jax.jit(generate)(*jax.device_put(args, jax.devices()[0]), 5.0))
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     data = NamedSharding(mesh, P("data"))
