@@ -57,10 +57,10 @@ def compare_with_diffusers(
         model, safety_checker=None, requires_safety_checker=False
     )
     unet = theirs_pipe.unet.config
-    factor = 2 ** (len(theirs_pipe.vae.config.block_out_channels) - 1)
     size = int(unet.sample_size)
     latents = np.random.RandomState(seed).randn(len(prompts), size, size, unet.in_channels)
     latents = latents.astype(np.float32)
+    # diffusers wants the negative prompt in the prompt's type: a list here.
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
     ours = ours_pipe.text_to_image(
         prompts,
@@ -74,8 +74,8 @@ def compare_with_diffusers(
         theirs = theirs_pipe(
             prompts,
             negative_prompt=negative,
-            height=size * factor,
-            width=size * factor,
+            height=size * theirs_pipe.vae_scale_factor,
+            width=size * theirs_pipe.vae_scale_factor,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),

@@ -26,13 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import (
-    Downsample2D,
-    GroupNorm,
-    ResnetBlock2D,
-    Upsample2D,
-    conv_general_dilated,
-)
+from jaxdiff.models.layers import Conv, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 Dtype = Any
 
@@ -217,14 +211,7 @@ class DiagonalGaussian(NamedTuple):
 def _conv(features: int, kernel: int, dtype: Dtype, name: str | None, padding: int = 1) -> nn.Conv:
     # Explicit symmetric padding, as PyTorch's Conv2d(padding=p).
     pad = ((padding, padding), (padding, padding))
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        padding=pad,
-        dtype=dtype,
-        name=name,
-        conv_general_dilated=conv_general_dilated,
-    )
+    return Conv(features, (kernel, kernel), padding=pad, dtype=dtype, name=name)
 
 
 def _resnet(out_channels: int, groups: int, dtype: Dtype, name: str) -> ResnetBlock2D:
