@@ -468,6 +468,52 @@ def test_attention_values_and_gradients_match_torch(monkeypatch, blocked, b, t, 
         np.testing.assert_allclose(np.asarray(ours), to_bthn(theirs), atol=5e-5, err_msg=name)
 
 
+def test_gpu_attention_choice_and_fallback(monkeypatch):
+    """The GPU branch: which kernel it tries, and XLA's attention when cuDNN refuses.
+
+    Run on CPU with the backend reported as "gpu": cuDNN's attention then refuses
+    at trace time ("cuDNN is not detected"), as it would on a GPU for inputs it
+    does not take, so the automatic choice must fall back to XLA's path (same
+    numbers as the reference) and a forced ``cudnn`` must raise.
+    """
+    import jaxdiff.models.attention as attention_module
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kw):
+        calls.append(implementation)
+        return real(*args, implementation=implementation, **kw)
+
+    monkeypatch.setattr(attention_module.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention_module.jax.nn, "dot_product_attention", spy)
+    use = attention_module._use_cudnn
+    bf16 = jnp.zeros((1, 4, 2, 40), jnp.bfloat16)
+    monkeypatch.delenv(attention_module.ENV_ATTENTION, raising=False)
+    assert use(bf16)
+    assert not use(bf16.astype(jnp.float32))  # cuDNN takes fp16/bf16 only
+    assert not use(jnp.zeros((1, 4, 1, 512), jnp.bfloat16))  # head size over 128
+    assert not use(jnp.zeros((1, 4, 2, 12), jnp.bfloat16))  # not a multiple of 8
+    monkeypatch.setenv(attention_module.ENV_ATTENTION, "xla")
+    assert not use(bf16)
+    monkeypatch.setenv(attention_module.ENV_ATTENTION, "CUDNN")
+    assert use(bf16.astype(jnp.float32))
+    monkeypatch.setenv(attention_module.ENV_ATTENTION, "flash")
+    with pytest.raises(ValueError, match="auto, xla or cudnn"):
+        use(bf16)
+
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.bfloat16) for _ in range(3))
+    ref = real(q, k, v, scale=0.3, implementation="xla")
+    monkeypatch.setenv(attention_module.ENV_ATTENTION, "auto")
+    out = dot_product_attention(q, k, v, scale=0.3)
+    assert calls == ["cudnn", "xla"] and out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    monkeypatch.setenv(attention_module.ENV_ATTENTION, "cudnn")
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        dot_product_attention(q, k, v, scale=0.3)
+
+
 def test_groupnorm_statistics_in_fp32():
     # bf16 activations with a large common offset: a bf16 accumulation of
     # 64*64*4 values per group, or a one-pass E[x^2] - mean^2 variance, would

@@ -24,6 +24,7 @@ kernels or wraps those ``nn.Dense`` calls with ``flax.linen.intercept_methods``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,9 @@ __all__ = [
     "Transformer2DModel",
 ]
 
+# Environment variable that picks the GPU attention kernel: auto (default), xla, cudnn.
+ENV_ATTENTION = "JAXDIFF_ATTENTION"
+
 
 def dot_product_attention(
     q: jax.Array,
@@ -58,8 +62,12 @@ def dot_product_attention(
 ) -> jax.Array:
     """``softmax(scale * q k^T) v`` per head (Vaswani et al. 2017, Eq. 1).
 
-    Runs :func:`jax.nn.dot_product_attention` with ``implementation=None`` so
-    XLA may pick cuDNN flash attention on GPU. Its XLA path already
+    On GPU this is cuDNN's fused (flash) attention where cuDNN takes the
+    inputs (fp16/bf16, head size a multiple of 8 up to 128) and XLA's einsum
+    path otherwise; ``JAXDIFF_ATTENTION=xla`` or ``=cudnn`` (read when the
+    function is traced) forces one. ``jax.nn.dot_product_attention``'s own
+    default (``implementation=None``) never picks cuDNN. On CPU a blocked
+    fused attention (below); other backends take XLA's path. Every path
     accumulates the logits and the softmax in fp32 for bf16/fp16 inputs.
 
     Args:
@@ -81,8 +89,33 @@ def dot_product_attention(
     if jax.default_backend() == "cpu":
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _cpu_attention(q, k, v, scale).astype(dtype)
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)
+    if jax.default_backend() == "gpu" and _use_cudnn(q):
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            return out.astype(dtype)
+        except (NotImplementedError, ValueError, RuntimeError):
+            if os.environ.get(ENV_ATTENTION, "").lower() == "cudnn":
+                raise
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
     return out.astype(dtype)
+
+
+def _use_cudnn(q: jax.Array) -> bool:
+    """Whether the GPU path should try cuDNN's fused attention for queries ``q``.
+
+    ``JAXDIFF_ATTENTION`` = ``xla`` / ``cudnn`` decides; unset (or ``auto``),
+    cuDNN is tried for fp16/bf16 with a head size cuDNN's flash kernel takes
+    (a multiple of 8, at most 128). cuDNN's own checks, run when the call is
+    traced, still have the last word: the caller falls back to XLA if they
+    refuse (unless ``cudnn`` was forced).
+    """
+    choice = os.environ.get(ENV_ATTENTION, "auto").lower()
+    if choice not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"{ENV_ATTENTION}={choice!r}: expected auto, xla or cudnn")
+    if choice != "auto":
+        return choice == "cudnn"
+    head = q.shape[-1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= 128
 
 
 # Queries per block of the CPU attention: a block's logits, [B*N, 32, S] fp32, stay
