@@ -5,7 +5,7 @@ Contenders, each in its own process, one after another (each gets the whole GPU)
   jaxdiff        bf16: UNet forward at batch 2 and 16, VAE decode 8 x 512^2, one train
                  step at batch 8 (fp32 master weights, bf16 compute, AdamW), 50-step
                  text-to-image for 8 images with guidance; a bf16 matmul ceiling and
-                 XLA's FLOP count of the UNet, hence the achieved fraction of the ceiling
+                 the matmul/conv FLOPs (jaxdiff.flops), hence the achieved fraction of it
   torch          diffusers 0.42 PyTorch, fp16 inference / bf16-autocast training (the
                  DESIGN.md yardsticks' settings), plus bf16 UNet forwards
   flax039        diffusers-Flax 0.39 (bf16), its pipeline's pmap path for sampling
@@ -18,8 +18,10 @@ A hard time budget (``--budget``, seconds for the whole run) is split between
 the contenders; an item that would start after its contender's deadline is
 skipped and marked so, a worker that overruns is killed, and whatever was
 measured is kept: results are written after every item. Writes
-``gpu.json`` and ``gpu.txt`` (the table) under ``--out`` (``$OUT`` on the
-device machine).
+``gpu.json``, ``gpu.txt`` (the table) and ``gpu.log`` (every worker's output)
+under ``--out`` (``$OUT`` on the device machine), plus the batch-16 UNet's
+trace and optimized HLO. After jaxdiff come its experiments (``VARIANTS``: the
+jaxdiff worker again with one change each).
 
 Peers on the device machine: its image has jax, flax, torch and transformers 5
 but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
@@ -28,7 +30,8 @@ but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
 transformers 4.57 + its hub/tokenizers pins) and puts each on its own worker's
 PYTHONPATH only.
 
-Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 420
+Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 470 --contenders jaxdiff torch
+   then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 250 --contenders flax039 torch_compile
 Run (CPU, smoke, tiny shapes):  python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny
 """
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
+import importlib
 import json
 import os
 import subprocess
@@ -55,6 +59,28 @@ from benchmarks import common  # noqa: E402
 CONTENDERS = ("jaxdiff", "torch", "flax039", "torch_compile")
 # Share of the time budget per contender (the unused part of one passes on to the next).
 SHARES = {"jaxdiff": 7.0, "torch": 1.5, "flax039": 3.0, "torch_compile": 1.5}
+# Experiments: the jaxdiff worker again with one change, on a few items, as the
+# contender "jaxdiff+NAME" (run after jaxdiff, before the peers). "patch" sets a
+# module constant before anything is traced; "xla_flags" is appended to XLA_FLAGS.
+VARIANTS: dict[str, dict[str, Any]] = {
+    # One read of x for both GroupNorm sums instead of two (predicted: -0.5 ms of the
+    # 1.6 ms of norm-statistics kernels in the batch-16 UNet, more in the VAE).
+    "groupnorm_one_pass": {
+        "patch": ("jaxdiff.models.layers", "_ONE_PASS_GROUPNORM", True),
+        "items": ("unet_b16", "vae_decode"),
+    },
+    # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
+    # fuse into the matmuls that read them (2.4 + 1.9 ms of elementwise kernels in the
+    # batch-16 UNet); the risk is slower matmuls than cuBLAS's.
+    "triton_gemm_any": {"xla_flags": "--xla_gpu_triton_gemm_any=true", "items": ("unet_b16",)},
+    # No merging of the to_q/to_k/to_v matmuls that share an input: XLA concatenates
+    # their weights each call and copies the three slices out for cuDNN attention
+    # (~1 ms of the batch-16 UNet); predicted -0.5 to -1 ms.
+    "no_dot_merger": {"xla_flags": "--xla_gpu_dot_merger_threshold_mb=0", "items": ("unet_b16",)},
+    # No autotuning: how much of the ~27 s compile is autotuning, at what runtime cost.
+    "autotune_0": {"xla_flags": "--xla_gpu_autotune_level=0", "items": ("unet_b16",)},
+}
+VARIANT_SHARE = 1.0
 # Items in priority order per contender; names are shared so the table lines up.
 ITEMS = {
     "jaxdiff": (
@@ -273,19 +299,6 @@ def random_params(abstract: Any, seed: int = 0) -> Any:
     return traverse_util.unflatten_dict(out)
 
 
-def _cost_flops(compiled) -> float | None:
-    """FLOPs of a compiled XLA executable from its cost analysis, if it reports them."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends have none
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
 class _Runner:
     """Times the items of one contender under a deadline and saves after each item."""
 
@@ -371,6 +384,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     import optax
     from transformers import CLIPTokenizer
 
+    from jaxdiff.flops import count_flops
     from jaxdiff.models.attention import ENV_ATTENTION
     from jaxdiff.models.autoencoder import AutoencoderConfig, vae_decode
     from jaxdiff.models.clip import CLIPTextConfig
@@ -436,6 +450,45 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     info["attention"] = os.environ.get(ENV_ATTENTION, "auto")
 
+    def unet_apply(p, x, t, ctx):
+        return apply_unet(p, x, t, ctx, config, bf16)
+
+    def model_flops(fn, *args) -> float:
+        """Matmul/conv FLOPs of ``fn(*args)`` from its jaxpr, attention traced as XLA's
+        two matmuls (cuDNN's fused kernel is opaque there, and XLA's own cost analysis
+        counts neither it nor cuDNN's convolutions)."""
+        saved = os.environ.get(ENV_ATTENTION)
+        os.environ[ENV_ATTENTION] = "xla"
+        try:
+            return count_flops(fn, *args)["total"]
+        finally:
+            if saved is None:
+                os.environ.pop(ENV_ATTENTION)
+            else:
+                os.environ[ENV_ATTENTION] = saved
+
+    main = runner.name == "jaxdiff"  # variants keep summaries only: returned files are counted
+
+    def profile(item: str, call, calls: int, files: bool = False) -> None:
+        """Where ``item``'s time goes: a trace of ``calls`` runs of ``call`` (compiled
+        already), summed per kernel into info["profile"][item]; with ``files`` (main
+        contender only) the trace itself is copied next to the results."""
+        if "median_s" not in runner.result["items"].get(item, {}) or not runner.wants(item):
+            return
+        try:
+            trace_dir = work / f"trace_{runner.name}_{item}"
+            jax.block_until_ready(call())
+            jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+            for _ in range(calls):
+                jax.block_until_ready(call())
+            jax.profiler.stop_trace()
+            keep = runner.path.parent / f"jaxdiff_{item}.trace.json.gz" if files and main else None
+            summary = profile_summary(trace_dir, keep)
+            info.setdefault("profile", {})[item] = dict(summary, calls=calls)
+        except Exception as e:  # the timings matter more than the profile
+            info.setdefault("profile_errors", {})[item] = f"{type(e).__name__}: {e}"[:500]
+        runner.save()
+
     def fall_back(item: str) -> bool:
         """After ``item`` failed with the default attention: switch to XLA's, once.
 
@@ -463,15 +516,29 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             runner.run(item, functools.partial(unet_call, *args))
         runner.add(
             item,
-            flop=lambda args=args: _cost_flops(unet_compiled(*args)),
+            flop=lambda args=args: model_flops(unet_apply, params16["unet"], *args),
             cudnn_attention_calls=lambda args=args: (
                 unet_compiled(*args).as_text().count("__cudnn$fmha")
             ),
         )
 
-    dec = jax.jit(vae_decode, static_argnames=("config", "dtype"))
+    x, t, ctx = unet_inputs["unet_b16"]
+    profile("unet_b16", functools.partial(unet_call, x, t, ctx), 3, files=True)
+    if main and "profile" in info and "unet_b16" in info["profile"]:
+        try:  # the optimized HLO names the fusions the trace's kernels belong to
+            hlo = unet_compiled(x, t, ctx).as_text().encode()
+            (runner.path.parent / "jaxdiff_unet_b16.hlo.txt.gz").write_bytes(gzip.compress(hlo))
+        except Exception as e:
+            info["hlo_error"] = f"{type(e).__name__}: {e}"[:500]
+
+    def vae_apply(p, z):
+        return vae_decode(p, z, config.vae, bf16)
+
+    dec = jax.jit(vae_apply)
     z = jnp.asarray(_nhwc(_inputs(cfg, "vae_decode")["z"]))
-    runner.run("vae_decode", lambda: dec(params16["vae"], z, config.vae, bf16))
+    runner.run("vae_decode", lambda: dec(params16["vae"], z))
+    runner.add("vae_decode", flop=lambda: model_flops(vae_apply, params16["vae"], z))
+    profile("vae_decode", lambda: dec(params16["vae"], z), 2)
 
     if runner.wants("train_step"):
         tx = optim.make_optimizer(
@@ -504,10 +571,11 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             runner.run("train_step", train_step)
         runner.add(
             "train_step",
-            flop=lambda: _cost_flops(
-                train["step"].lower(train["state"], batch, step_rng).compile()
+            flop=lambda: model_flops(
+                make_train_step(config, step_cfg, tx), train["state"], batch, step_rng
             ),
         )
+        profile("train_step", train_step, 2)
         train.clear()
     else:
         runner.skip("train_step", runner.skip_reason("train_step"))
@@ -544,27 +612,6 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         runner.run("unet_b16_xla", lambda: fn(params16["unet"], x, t, ctx))
     elif not runner.wants("unet_b16_xla"):
         runner.skip("unet_b16_xla", runner.skip_reason("unet_b16_xla"))
-
-    # Where the UNet's time goes: a trace of 3 batch-16 forwards (already compiled),
-    # summed per kernel into the result, the trace itself copied next to it.
-    if "median_s" in runner.result["items"].get("unet_b16", {}) and runner.wants("unet_b16"):
-        try:
-            trace_dir = work / "trace_unet_b16"
-            x, t, ctx = unet_inputs["unet_b16"]
-            jax.block_until_ready(unet_call(x, t, ctx))
-            jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
-            for _ in range(3):
-                jax.block_until_ready(unet_call(x, t, ctx))
-            jax.profiler.stop_trace()
-            info["profile_unet_b16_x3"] = profile_summary(
-                trace_dir, runner.path.parent / "jaxdiff_unet_b16.trace.json.gz"
-            )
-            # The optimized HLO names the fusions the trace's kernels belong to.
-            hlo = unet_compiled(x, t, ctx).as_text().encode()
-            (runner.path.parent / "jaxdiff_unet_b16.hlo.txt.gz").write_bytes(gzip.compress(hlo))
-        except Exception as e:  # the timings matter more than the profile
-            info["profile_error"] = f"{type(e).__name__}: {e}"[:500]
-        runner.save()
 
 
 def profile_summary(trace_dir: Path, out_file: Path | None, top: int = 25) -> dict:
@@ -929,8 +976,16 @@ def _worker_flax039(cfg: dict, runner: _Runner, work: Path) -> None:
 def _worker_main(args: argparse.Namespace) -> None:
     cfg = CONFIGS[args.config]
     work = Path(args.workdir)
-    runner = _Runner(args.worker, cfg, args.deadline, Path(args.result), sync=lambda _: None)
+    name = args.worker + (f"+{args.variant}" if args.variant else "")
+    runner = _Runner(name, cfg, args.deadline, Path(args.result), sync=lambda _: None)
     runner.selected = set(args.items or ())
+    if args.variant:
+        spec = VARIANTS[args.variant]
+        if "patch" in spec:
+            module, attr, value = spec["patch"]
+            setattr(importlib.import_module(module), attr, value)
+        runner.result["info"]["variant"] = {k: v for k, v in spec.items() if k != "items"}
+        runner.selected = set(args.items or spec["items"])
     if args.worker in ("jaxdiff", "flax039"):
         import jax
 
@@ -969,7 +1024,7 @@ def _have(module: str, pythonpath: str | None) -> bool:
 
 
 def _report(results: dict[str, dict], cfg: dict) -> tuple[str, dict]:
-    names = [c for c in CONTENDERS if c in results]
+    names = list(results)  # run order: jaxdiff, its variants, the peers
     items = [i for i in ROW_ORDER if any(i in results[c]["items"] for c in names)]
     jd = results.get("jaxdiff", {}).get("items", {})
     ceiling = results.get("jaxdiff", {}).get("info", {}).get("ceiling_flops_per_s")
@@ -987,8 +1042,10 @@ def _report(results: dict[str, dict], cfg: dict) -> tuple[str, dict]:
     def med(c, i):
         return results.get(c, {}).get("items", {}).get(i, {}).get("median_s")
 
-    peers = [c for c in names if c != "jaxdiff"]
-    headers = ["item"] + names + [f"jaxdiff/{p}" for p in peers] + ["jaxdiff % of ceiling"]
+    peers = [c for c in names if not c.startswith("jaxdiff")]
+    variants = [c for c in names if c.startswith("jaxdiff+")]
+    headers = ["item"] + names + [f"jaxdiff/{p}" for p in peers]
+    headers += [f"{v[len('jaxdiff') :]}/jaxdiff" for v in variants] + ["jaxdiff % of ceiling"]
     rows = []
     for i in items:
         frac = "-"
@@ -999,6 +1056,7 @@ def _report(results: dict[str, dict], cfg: dict) -> tuple[str, dict]:
             [i]
             + [cell(c, i) for c in names]
             + [common.fmt_x(common.ratio(med("jaxdiff", i), med(p, i))) for p in peers]
+            + [common.fmt_x(common.ratio(med(v, i), med("jaxdiff", i))) for v in variants]
             + [frac]
         )
     for i in items:
@@ -1007,16 +1065,16 @@ def _report(results: dict[str, dict], cfg: dict) -> tuple[str, dict]:
         comp = [results[c]["items"].get(i, {}).get("compile_s") for c in names]
         if any(v is not None for v in comp):
             cells = [common.fmt_s(v) for v in comp]
-            rows.append([f"compile {i}"] + cells + [""] * (len(peers) + 1))
+            rows.append([f"compile {i}"] + cells + [""] * (len(peers) + len(variants) + 1))
     lines = [common.table(headers, rows)]
     if ceiling:
         lines.append(f"\nbf16 matmul ceiling (jaxdiff/XLA): {ceiling / 1e12:.3g} TFLOP/s")
-    for i in ("unet_b2", "unet_b16", "train_step"):
+    for i in ("unet_b2", "unet_b16", "vae_decode", "train_step"):
         flop = jd.get(i, {}).get("flop")
         if flop:
             b = cfg["batches"][i]
             lines.append(
-                f"XLA cost analysis {i}: {flop / 1e9:.4g} GFLOP ({flop / b / 1e9:.4g} per sample)"
+                f"matmul+conv FLOPs {i}: {flop / 1e9:.4g} GFLOP ({flop / b / 1e9:.4g} per sample)"
             )
     return "\n".join(lines), {"headers": headers, "rows": rows}
 
@@ -1029,6 +1087,12 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="jaxdiff-gpu-"))
     contenders = [c for c in CONTENDERS if not args.contenders or c in args.contenders]
+    # By default all experiments, when jaxdiff itself runs (and not in --tiny smoke runs).
+    default = [] if args.tiny or "jaxdiff" not in contenders else list(VARIANTS)
+    variants = default if args.variants is None else args.variants
+    if variants:
+        at = contenders.index("jaxdiff") + 1 if "jaxdiff" in contenders else 0
+        contenders[at:at] = [f"jaxdiff+{v}" for v in variants]
     notes: list[str] = []
 
     wheels = Path(args.wheels)
@@ -1043,23 +1107,25 @@ def run(args: argparse.Namespace) -> dict:
         pypaths["flax039"] = None
 
     results: dict[str, dict] = {}
+    share = lambda c: VARIANT_SHARE if "+" in c else SHARES[c]  # noqa: E731
     for i, c in enumerate(contenders):
+        base, _, variant = c.partition("+")
         now = time.time()
         if now > end - 10:
             notes.append(f"{c}: skipped, over the time budget")
             continue
         python = args.peer_python if (c == "flax039" and args.peer_python) else sys.executable
-        module = "diffusers" if c != "jaxdiff" else "jaxdiff"
-        extra = pypaths.get(c)
+        module = "diffusers" if base != "jaxdiff" else "jaxdiff"
+        extra = pypaths.get(base)
         path = os.pathsep.join(p for p in [extra, str(common.REPO)] if p)
-        if c != "jaxdiff" and python == sys.executable and not _have(module, path):
+        if base != "jaxdiff" and python == sys.executable and not _have(module, path):
             notes.append(f"{c}: skipped, no diffusers (carry .bench/wheels, see gpu_wheels.sh)")
             continue
         if c == "torch_compile" and args.tiny and not args.contenders:
             notes.append("torch_compile: skipped in --tiny mode unless named in --contenders")
             continue
-        rest = sum(SHARES[x] for x in contenders[i:])
-        deadline = now + (end - now) * SHARES[c] / rest
+        rest = sum(share(x) for x in contenders[i:])
+        deadline = now + (end - now) * share(c) / rest
         result_path = out / f"gpu_{c}.json"
         env = common.worker_env()
         env["PYTHONPATH"] = os.pathsep.join(
@@ -1070,7 +1136,12 @@ def run(args: argparse.Namespace) -> dict:
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpu.py: torch on a shared CPU
         elif "JAX_PLATFORMS" in env and env["JAX_PLATFORMS"] == "cpu" and c != "torch":
             env.pop("JAX_PLATFORMS")
-        argv = [python, "-m", "benchmarks.gpu", "--worker", c, "--workdir", str(work)]
+        if variant and VARIANTS[variant].get("xla_flags"):
+            flags = [env.get("XLA_FLAGS", ""), VARIANTS[variant]["xla_flags"]]
+            env["XLA_FLAGS"] = " ".join(f for f in flags if f)
+        argv = [python, "-m", "benchmarks.gpu", "--worker", base, "--workdir", str(work)]
+        if variant:
+            argv += ["--variant", variant]
         argv += ["--deadline", str(deadline), "--result", str(result_path)]
         argv += ["--config", "tiny" if args.tiny else "sd15"]
         if args.items:
@@ -1097,6 +1168,13 @@ def run(args: argparse.Namespace) -> dict:
             if line.startswith(f"[{c}]") and (":" in line) and "..." not in line:
                 print("  " + line, flush=True)
 
+    # One log file for all contenders (what comes back from the device is counted in files).
+    with open(out / "gpu.log", "w") as log:
+        for c in contenders:
+            part = out / f"gpu_{c}.log"
+            if part.exists():
+                log.write(f"==== {c}\n{part.read_text()}\n")
+                part.unlink()
     text, table = _report(results, cfg)
     report = {
         "benchmark": "gpu",
@@ -1122,14 +1200,22 @@ def run(args: argparse.Namespace) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu"))
-    p.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run")
+    p.add_argument("--budget", type=float, default=470.0, help="seconds for the whole run")
     p.add_argument("--grace", type=float, default=45.0, help="overrun allowed per contender")
     p.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke run)")
     p.add_argument("--contenders", nargs="*", choices=CONTENDERS)
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        help="jaxdiff experiments to run after jaxdiff (default: all when jaxdiff runs; "
+        "none with --tiny)",
+    )
     p.add_argument("--items", nargs="*", choices=ROW_ORDER, help="subset of items (default all)")
     p.add_argument("--wheels", default=str(common.REPO / ".bench" / "wheels"))
     p.add_argument("--peer-python", help="python of a diffusers-Flax 0.39 venv (CPU runs)")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

@@ -100,6 +100,8 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
             "--tiny",
             "--contenders",
             "jaxdiff",
+            "--variants",
+            "groupnorm_one_pass",
             "--items",
             "unet_b2",
             "vae_decode",
@@ -114,6 +116,13 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert {"unet_b2", "vae_decode"} <= set(items)
     for item in ("unet_b2", "vae_decode"):
         assert items[item]["median_s"] > 0, items[item]
-    assert items["unet_b2"]["flop"] > 0  # XLA cost analysis
+    assert items["unet_b2"]["flop"] > 0 and items["vae_decode"]["flop"] > 0  # jaxdiff.flops
     assert items["train_step"] == {"skipped": "not selected"}
-    assert (tmp_path / "gpu.json").exists() and (tmp_path / "gpu.txt").exists()
+    # The experiment: the same items again with the module constant patched.
+    variant = report["results"]["jaxdiff+groupnorm_one_pass"]
+    assert variant["info"]["variant"]["patch"][1] == "_ONE_PASS_GROUPNORM"
+    assert variant["items"]["vae_decode"]["median_s"] > 0
+    assert "+groupnorm_one_pass/jaxdiff" in report["table"]["headers"]
+    files = {f.name for f in tmp_path.iterdir()}
+    assert {"gpu.json", "gpu.txt", "gpu.log"} <= files
+    assert not any(f.startswith("gpu_") for f in files)  # per-contender logs merged

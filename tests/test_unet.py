@@ -532,6 +532,22 @@ def test_groupnorm_statistics_in_fp32():
     assert np.max(np.abs(np.asarray(out, np.float64) - ref)) < 0.04  # bf16 ulp at |4| is 0.03
 
 
+def test_groupnorm_one_pass_statistics_agree(monkeypatch):
+    """The one-pass variant (a benchmark switch) against the default two-pass one."""
+    import jaxdiff.models.layers as layers
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((2, 8, 8, 64)), jnp.float32)
+    norm = GroupNorm(16, 1e-6)
+    params = norm.init(jax.random.key(0), x)
+    two = norm.apply(params, x)
+    monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", True)
+    jaxpr = str(jax.make_jaxpr(norm.apply)(params, x))
+    one = norm.apply(params, x)
+    assert "max" in jaxpr  # the clamped E[x^2] - mean^2 path was traced
+    np.testing.assert_allclose(np.asarray(one), np.asarray(two), atol=2e-5)
+
+
 def test_dtypes_validation_and_attention_hook():
     cfg = UNetConfig.from_diffusers(CONFIGS["sd2"])
     abstract = unet_abstract_params(cfg)

@@ -122,6 +122,13 @@ def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: 
     )
 
 
+# GroupNorm statistics in one pass over x instead of two. Off for its numerics
+# (E[x^2] - mean^2 cancels when a group's |mean| >> std), although session 1 measured
+# the CPU VAE decode 11 % faster with it (benchmarks/NOTES.md); benchmarks/gpu.py
+# measures it on GPU as the "jaxdiff+groupnorm_one_pass" contender.
+_ONE_PASS_GROUPNORM = False
+
+
 class GroupNorm(nn.Module):
     """Group normalisation (Wu & He 2018) over NHWC (or any channels-last) input.
 
@@ -155,8 +162,13 @@ class GroupNorm(nn.Module):
         # Reduce over every spatial axis and the channels inside a group.
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
         mean = jnp.mean(g, axis=axes, keepdims=True)
-        # Two-pass variance: E[(x - mean)^2] does not cancel catastrophically like E[x^2] - mean^2.
-        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+        if _ONE_PASS_GROUPNORM:
+            # Both sums in one read of x (XLA fuses sibling reductions); loses digits
+            # when a group's |mean| >> std.
+            var = jnp.maximum(jnp.mean(jnp.square(g), axis=axes, keepdims=True) - mean**2, 0.0)
+        else:
+            # Two-pass: E[(x - mean)^2] does not cancel catastrophically like E[x^2] - mean^2.
+            var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
         y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
