@@ -30,8 +30,8 @@ but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
 transformers 4.57 + its hub/tokenizers pins) and puts each on its own worker's
 PYTHONPATH only.
 
-Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 470 --contenders jaxdiff torch
-   then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 250 --contenders flax039 torch_compile
+Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 520 --contenders jaxdiff
+   then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 260 --contenders flax039 torch_compile
 Run (CPU, smoke, tiny shapes):  python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny
 """
 
