@@ -43,6 +43,7 @@ import gzip
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -469,10 +470,11 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     main = runner.name == "jaxdiff"  # variants keep summaries only: returned files are counted
 
-    def profile(item: str, call, calls: int, files: bool = False) -> None:
+    def profile(item: str, call, calls: int, hlo=None, files: bool = False) -> None:
         """Where ``item``'s time goes: a trace of ``calls`` runs of ``call`` (compiled
-        already), summed per kernel into info["profile"][item]; with ``files`` (main
-        contender only) the trace itself is copied next to the results."""
+        already), summed per kernel and per kind (``hlo()``: the executable's optimized
+        HLO text, which names the fusions) into info["profile"][item]; with ``files``
+        (main contender only) the trace and the HLO are copied next to the results."""
         if "median_s" not in runner.result["items"].get(item, {}) or not runner.wants(item):
             return
         try:
@@ -483,8 +485,12 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
                 jax.block_until_ready(call())
             jax.profiler.stop_trace()
             keep = runner.path.parent / f"jaxdiff_{item}.trace.json.gz" if files and main else None
-            summary = profile_summary(trace_dir, keep)
+            text = hlo() if hlo is not None else None
+            summary = profile_summary(trace_dir, keep, hlo_text=text)
             info.setdefault("profile", {})[item] = dict(summary, calls=calls)
+            if keep is not None and text:
+                hlo_file = runner.path.parent / f"jaxdiff_{item}.hlo.txt.gz"
+                hlo_file.write_bytes(gzip.compress(text.encode()))
         except Exception as e:  # the timings matter more than the profile
             info.setdefault("profile_errors", {})[item] = f"{type(e).__name__}: {e}"[:500]
         runner.save()
@@ -523,13 +529,13 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         )
 
     x, t, ctx = unet_inputs["unet_b16"]
-    profile("unet_b16", functools.partial(unet_call, x, t, ctx), 3, files=True)
-    if main and "profile" in info and "unet_b16" in info["profile"]:
-        try:  # the optimized HLO names the fusions the trace's kernels belong to
-            hlo = unet_compiled(x, t, ctx).as_text().encode()
-            (runner.path.parent / "jaxdiff_unet_b16.hlo.txt.gz").write_bytes(gzip.compress(hlo))
-        except Exception as e:
-            info["hlo_error"] = f"{type(e).__name__}: {e}"[:500]
+    profile(
+        "unet_b16",
+        functools.partial(unet_call, x, t, ctx),
+        3,
+        hlo=lambda: unet_compiled(x, t, ctx).as_text(),
+        files=True,
+    )
 
     def vae_apply(p, z):
         return vae_decode(p, z, config.vae, bf16)
@@ -538,7 +544,12 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     z = jnp.asarray(_nhwc(_inputs(cfg, "vae_decode")["z"]))
     runner.run("vae_decode", lambda: dec(params16["vae"], z))
     runner.add("vae_decode", flop=lambda: model_flops(vae_apply, params16["vae"], z))
-    profile("vae_decode", lambda: dec(params16["vae"], z), 2)
+    profile(
+        "vae_decode",
+        lambda: dec(params16["vae"], z),
+        2,
+        hlo=lambda: dec.lower(params16["vae"], z).compile().as_text(),
+    )
 
     if runner.wants("train_step"):
         tx = optim.make_optimizer(
@@ -575,7 +586,12 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
                 make_train_step(config, step_cfg, tx), train["state"], batch, step_rng
             ),
         )
-        profile("train_step", train_step, 2)
+        profile(
+            "train_step",
+            train_step,
+            2,
+            hlo=lambda: train["step"].lower(train["state"], batch, step_rng).compile().as_text(),
+        )
         train.clear()
     else:
         runner.skip("train_step", runner.skip_reason("train_step"))
@@ -614,13 +630,48 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         runner.skip("unet_b16_xla", runner.skip_reason("unet_b16_xla"))
 
 
-def profile_summary(trace_dir: Path, out_file: Path | None, top: int = 25) -> dict:
-    """Device time per kernel name from a ``jax.profiler`` trace (perfetto JSON).
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name, spelled as profiler kernels are ('.' -> '_'), -> its op_name."""
+    pattern = r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"'
+    return {m.group(1).replace(".", "_"): m.group(2) for m in re.finditer(pattern, hlo_text, re.M)}
+
+
+def kernel_kind(kernel: str, op_name: str | None) -> str:
+    """A coarse bucket for a profiled kernel: library kernels by their names, XLA's
+    fusions by the op that named them, the module they sit in, and forward/backward
+    (``jvp(`` / ``transpose(`` in the op name, as ``jax.value_and_grad`` writes them)."""
+    k = kernel.lower()
+    if any(s in k for s in ("sdpa", "fmha", "flash")):
+        return "fused attention (library)"
+    if "xmma" in k or "conv" in k:
+        return "convolution (library)"
+    if any(s in k for s in ("nvjet", "gemm", "cutlass", "cublas")):
+        return "matmul (library)"
+    if op_name is None:
+        return "unmapped"
+    phase = " bwd" if "transpose(" in op_name else (" fwd" if "jvp(" in op_name else "")
+    # Path components without their transformation wrappers: "transpose(jvp(UNet))"
+    # -> "UNet", "jit(silu)" -> "silu".
+    parts = [re.sub(r"^(?:\w+\()+|\)+$", "", c) for c in op_name.split("/")]
+    modules = [c for c in parts if re.fullmatch(r"[A-Z]\w+", c)]
+    where = modules[0] if modules else "outside modules"
+    leaf = re.sub(r"\W.*", "", parts[-1]) or "?"
+    # The submodule or function the op sits in, numbering dropped: norm1 -> norm,
+    # net_0 -> net (GEGLU's projection).
+    role = re.sub(r"_?\d+$", "", parts[-2]) if modules and len(parts) > 2 else ""
+    return f"{where}{phase}: {role + '/' if role else ''}{leaf}"
+
+
+def profile_summary(
+    trace_dir: Path, out_file: Path | None, top: int = 25, hlo_text: str | None = None
+) -> dict:
+    """Device time per kernel from a ``jax.profiler`` trace (perfetto JSON).
 
     Sums the complete events of the device tracks (process names with "GPU" or
-    "device"; all tracks when there are none, as on CPU) by name, and copies the
-    trace to ``out_file`` if given. Returns {"total_ms", "calls", "top": [[name,
-    ms, count], ...]}.
+    "device"; all tracks when there are none, as on CPU) by kernel name, and, with
+    the executable's optimized ``hlo_text``, by :func:`kernel_kind`. Copies the trace
+    to ``out_file`` if given. Returns {"total_ms", "top": [[name, ms, count], ...],
+    "by_kind": [[kind, ms, count], ...], "mapped_ms"} (over all traced calls).
     """
     import shutil
 
@@ -645,11 +696,22 @@ def profile_summary(trace_dir: Path, out_file: Path | None, top: int = 25) -> di
         entry[0] += float(e.get("dur", 0.0)) / 1e3
         entry[1] += 1
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
-    return {
+    summary = {
         "tracks": sorted(names[p] for p in device) if device else "all",
         "total_ms": sum(v[0] for v in totals.values()),
         "top": [[n, round(ms, 3), c] for n, (ms, c) in ranked[:top]],
     }
+    if hlo_text:
+        ops = hlo_op_names(hlo_text)
+        kinds: dict[str, list[float]] = {}
+        for name, (ms, count) in totals.items():
+            entry = kinds.setdefault(kernel_kind(name, ops.get(name)), [0.0, 0])
+            entry[0] += ms
+            entry[1] += count
+        ranked_kinds = sorted(kinds.items(), key=lambda kv: -kv[1][0])
+        summary["by_kind"] = [[k, round(ms, 3), c] for k, (ms, c) in ranked_kinds]
+        summary["mapped_ms"] = sum(ms for n, (ms, _) in totals.items() if n in ops)
+    return summary
 
 
 def _torch_setup(cfg: dict, work: Path, compile_unet: bool):

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -126,3 +127,46 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     files = {f.name for f in tmp_path.iterdir()}
     assert {"gpu.json", "gpu.txt", "gpu.log"} <= files
     assert not any(f.startswith("gpu_") for f in files)  # per-contender logs merged
+
+
+def test_gpu_profile_summary_buckets_kernels(tmp_path):
+    """Per-kernel and per-kind sums of a (synthetic) device trace, fusions named by the HLO."""
+    import gzip
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "name": "sm90_xmma_fprop_implicit_gemm_bf16", "dur": 3000},
+        {"ph": "X", "pid": 1, "name": "cudnn_generated_sdpa_flash_fprop", "dur": 2000},
+        {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_45", "dur": 500},
+        {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_45", "dur": 500},
+        {"ph": "X", "pid": 1, "name": "input_reduce_fusion_7", "dur": 250},
+        {"ph": "X", "pid": 1, "name": "Memset", "dur": 10},
+        {"ph": "X", "pid": 2, "name": "host work, not device time", "dur": 99000},
+    ]
+    trace_dir = tmp_path / "plugins" / "profile" / "run"
+    trace_dir.mkdir(parents=True)
+    (trace_dir / "host.trace.json.gz").write_bytes(gzip.compress(json.dumps(events).encode()))
+    hlo = (
+        "ENTRY %main {\n"
+        "  %loop_multiply_fusion.45 = bf16[16,4096,1280]{2,1,0} fusion(%a), metadata={op_name="
+        '"jit(step)/jvp(UNet2DConditionModel)/down_blocks_0/attentions_0/ff/net_0/mul"}\n'
+        "  ROOT %input_reduce_fusion.7 = f32[16,32]{1,0} fusion(%b), metadata={op_name="
+        '"jit(step)/transpose(jvp(UNet2DConditionModel))/up_blocks_1/resnets_0/norm1/reduce_sum"}\n'
+        "}\n"
+    )
+    copy = tmp_path / "copy.trace.json.gz"
+    summary = gpu.profile_summary(tmp_path, copy, hlo_text=hlo)
+    assert copy.exists()
+    assert summary["tracks"] == ["/device:GPU:0"]
+    assert summary["total_ms"] == pytest.approx(6.26)  # the host track is left out
+    assert summary["top"][0] == ["sm90_xmma_fprop_implicit_gemm_bf16", 3.0, 1]
+    assert summary["mapped_ms"] == pytest.approx(1.25)
+    kinds = {k: (pytest.approx(ms), n) for k, ms, n in summary["by_kind"]}
+    assert kinds == {
+        "convolution (library)": (3.0, 1),
+        "fused attention (library)": (2.0, 1),
+        "UNet2DConditionModel fwd: net/mul": (1.0, 2),
+        "UNet2DConditionModel bwd: norm/reduce_sum": (0.25, 1),
+        "unmapped": (0.01, 1),
+    }
