@@ -78,6 +78,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # their weights each call and copies the three slices out for cuDNN attention
     # (~1 ms of the batch-16 UNet); predicted -0.5 to -1 ms.
     "no_dot_merger": {"xla_flags": "--xla_gpu_dot_merger_threshold_mb=0", "items": ("unet_b16",)},
+    # Not run unless named (--variants): cuDNN's GEMM fusions (elementwise work fused
+    # into cuDNN matmuls on Hopper), and XLA's experimental fusion into convolutions
+    # (the GroupNorm-apply + SiLU that feed each 3x3 conv).
+    "cudnn_gemm_fusion": {
+        "xla_flags": "--xla_gpu_cudnn_gemm_fusion_level=2",
+        "items": ("unet_b16",),
+        "default": False,
+    },
+    "conv_fusion": {
+        "xla_flags": "--xla_gpu_experimental_enable_conv_fusion=true",
+        "items": ("unet_b16",),
+        "default": False,
+    },
     # No autotuning: how much of the ~27 s compile is autotuning, at what runtime cost.
     "autotune_0": {"xla_flags": "--xla_gpu_autotune_level=0", "items": ("unet_b16",)},
 }
@@ -1046,7 +1059,9 @@ def _worker_main(args: argparse.Namespace) -> None:
         if "patch" in spec:
             module, attr, value = spec["patch"]
             setattr(importlib.import_module(module), attr, value)
-        runner.result["info"]["variant"] = {k: v for k, v in spec.items() if k != "items"}
+        runner.result["info"]["variant"] = {
+            k: v for k, v in spec.items() if k not in ("items", "default")
+        }
         runner.selected = set(args.items or spec["items"])
     if args.worker in ("jaxdiff", "flax039"):
         import jax
@@ -1150,7 +1165,9 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="jaxdiff-gpu-"))
     contenders = [c for c in CONTENDERS if not args.contenders or c in args.contenders]
     # By default all experiments, when jaxdiff itself runs (and not in --tiny smoke runs).
-    default = [] if args.tiny or "jaxdiff" not in contenders else list(VARIANTS)
+    default = [v for v, spec in VARIANTS.items() if spec.get("default", True)]
+    if args.tiny or "jaxdiff" not in contenders:
+        default = []
     variants = default if args.variants is None else args.variants
     if variants:
         at = contenders.index("jaxdiff") + 1 if "jaxdiff" in contenders else 0
