@@ -1293,6 +1293,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--items", nargs="*", choices=ROW_ORDER, help="subset of items (default all)")
     p.add_argument("--wheels", default=str(common.REPO / ".bench" / "wheels"))
     p.add_argument("--peer-python", help="python of a diffusers-Flax 0.39 venv (CPU runs)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="GPU_JSON",
+        help="run nothing: merge these runs' gpu.json into one table under --out",
+    )
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -1302,10 +1308,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def merge(paths: list[str], out: Path) -> dict:
+    """One table from several runs' ``gpu.json`` (e.g. the two calls of one lease).
+
+    Contenders are taken from each file in turn; an item measured in a later file
+    replaces the same item of an earlier one, items only skipped there do not.
+    Writes ``gpu.json`` and ``gpu.txt`` under ``out``.
+    """
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    configs = {r["config"] for r in reports}
+    if len(configs) != 1:
+        raise SystemExit(f"cannot merge runs of different configs: {sorted(configs)}")
+    results: dict[str, dict] = {}
+    for report in reports:
+        for name, res in report["results"].items():
+            merged = results.setdefault(name, {"contender": name, "items": {}, "info": {}})
+            merged["info"].update(res.get("info", {}))
+            for item, entry in res.get("items", {}).items():
+                if "median_s" in entry or item not in merged["items"]:
+                    merged["items"][item] = entry
+    config = configs.pop()
+    text, table = _report(results, CONFIGS[config])
+    sources = [f"{path} ({report['date']})" for path, report in zip(paths, reports, strict=True)]
+    merged_report = {
+        "benchmark": "gpu",
+        "config": config,
+        "merged_from": sources,
+        "results": results,
+        "table": table,
+        "notes": [n for r in reports for n in r.get("notes", [])],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(merged_report, indent=1))
+    (out / "gpu.txt").write_text(text + "\n\nmerged from:\n" + "\n".join(sources) + "\n")
+    print(text)
+    print("merged from:", *sources, sep="\n  ")
+    return merged_report
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         _worker_main(args)
+        return
+    if args.merge:
+        merge(args.merge, Path(args.out))
         return
     run(args)
 

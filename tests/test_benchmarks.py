@@ -170,3 +170,38 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
         "UNet2DConditionModel bwd: norm/reduce_sum": (0.25, 1),
         "unmapped": (0.01, 1),
     }
+
+
+def test_gpu_merge_two_calls_into_one_table(tmp_path):
+    """--merge: the later call's measured items win, its skipped ones do not erase."""
+
+    def report(date, results):
+        return {"benchmark": "gpu", "config": "tiny", "date": date, "results": results}
+
+    measured = lambda ms: {"median_s": ms / 1e3, "n": 5, "compile_s": 1.0}  # noqa: E731
+    first = report(
+        "call 1",
+        {
+            "jaxdiff": {"items": {"unet_b16": measured(40.0), "t2i": measured(900.0)}, "info": {}},
+            "torch": {"items": {"unet_b16": {"skipped": "over budget"}}, "info": {}},
+        },
+    )
+    second = report(
+        "call 2",
+        {
+            "jaxdiff": {"items": {"unet_b16": measured(37.0), "t2i": {"skipped": "x"}}, "info": {}},
+            "torch": {"items": {"unet_b16": measured(52.0)}, "info": {}},
+        },
+    )
+    paths = []
+    for i, r in enumerate((first, second)):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        Path(paths[-1]).write_text(json.dumps(r))
+    merged = gpu.merge(paths, tmp_path / "out")
+    items = merged["results"]["jaxdiff"]["items"]
+    assert items["unet_b16"]["median_s"] == pytest.approx(0.037)
+    assert items["t2i"]["median_s"] == pytest.approx(0.9)  # not erased by a skip
+    assert merged["results"]["torch"]["items"]["unet_b16"]["median_s"] == pytest.approx(0.052)
+    row = next(r for r in merged["table"]["rows"] if r[0] == "unet_b16")
+    assert "0.71x" in row  # 37 / 52, across the two calls
+    assert (tmp_path / "out" / "gpu.txt").read_text().count("call ") == 2
