@@ -313,6 +313,45 @@ def random_params(abstract: Any, seed: int = 0) -> Any:
     return traverse_util.unflatten_dict(out)
 
 
+def sd_config(cfg: dict, vocab_size: int, bos: int, eos: int):
+    """jaxdiff's ``SDConfig`` for a benchmark config (the same diffusers dicts the peers use)."""
+    from jaxdiff.models.autoencoder import AutoencoderConfig
+    from jaxdiff.models.clip import CLIPTextConfig
+    from jaxdiff.models.sd import SDConfig
+    from jaxdiff.models.unet import UNetConfig
+    from jaxdiff.schedules import SchedulerConfig
+
+    return SDConfig(
+        unet=UNetConfig.from_diffusers(cfg["unet"]),
+        vae=AutoencoderConfig.from_diffusers(cfg["vae"]),
+        text_encoder=CLIPTextConfig(
+            **cfg["clip"],
+            vocab_size=vocab_size,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
+        scheduler=SchedulerConfig.from_dict(SCHEDULER),
+    )
+
+
+def train_setup(unet_params: Any, compute_dtype: Any):
+    """(optimizer, StepConfig) of the benchmark's train step: the UNet trains with
+    global-norm clipping and AdamW (diffusers' train_text_to_image settings), no EMA."""
+    import optax
+
+    from jaxdiff.train import optim
+    from jaxdiff.train.step import StepConfig
+
+    tx = optim.make_optimizer(
+        optim.trainable_labels({"unet": unet_params}, ("unet",)),
+        optax.constant_schedule(LR),
+        weight_decay=1e-2,
+        clip_norm=1.0,
+    )
+    return tx, StepConfig(trainable=("unet",), compute_dtype=compute_dtype, ema_decay=None)
+
+
 class _Runner:
     """Times the items of one contender under a deadline and saves after each item."""
 
@@ -395,37 +434,22 @@ class _Runner:
 def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     import jax
     import jax.numpy as jnp
-    import optax
     from transformers import CLIPTokenizer
 
     from jaxdiff.flops import count_flops
     from jaxdiff.models.attention import ENV_ATTENTION
-    from jaxdiff.models.autoencoder import AutoencoderConfig, vae_decode
-    from jaxdiff.models.clip import CLIPTextConfig
-    from jaxdiff.models.sd import SDConfig, abstract_params, apply_unet
-    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig
+    from jaxdiff.models.autoencoder import vae_decode
+    from jaxdiff.models.sd import abstract_params, apply_unet
+    from jaxdiff.models.unet import UNet2DConditionModel
     from jaxdiff.pipeline import StableDiffusion
-    from jaxdiff.schedules import SchedulerConfig
     from jaxdiff.tokenizer import save_clip_tokenizer
-    from jaxdiff.train import optim
-    from jaxdiff.train.step import StepConfig, init_state, make_train_step
+    from jaxdiff.train.step import init_state, make_train_step
 
     info = runner.result["info"]
     info.update(jax=jax.__version__, devices=[str(d) for d in jax.devices()])
     tok_dir = save_clip_tokenizer(work / "tokenizer", PROMPTS * 3, num_merges=200)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    config = SDConfig(
-        unet=UNetConfig.from_diffusers(cfg["unet"]),
-        vae=AutoencoderConfig.from_diffusers(cfg["vae"]),
-        text_encoder=CLIPTextConfig(
-            **cfg["clip"],
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.eos_token_id,
-        ),
-        scheduler=SchedulerConfig.from_dict(SCHEDULER),
-    )
+    config = sd_config(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     t0 = time.perf_counter()
     params32 = random_params(abstract_params(config))
     params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params32)
@@ -444,28 +468,21 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     if "median_s" in mm_item:
         info["ceiling_flops_per_s"] = 2.0 * n**3 / mm_item["median_s"]
 
-    def make_unet_fn():
-        # A fresh function object each time: jit's trace cache is keyed on it, and
-        # the attention kernel is picked (from JAXDIFF_ATTENTION) when tracing.
-        return jax.jit(
-            functools.wraps(apply_unet)(lambda *a, **k: apply_unet(*a, **k)),
-            static_argnames=("config", "dtype", "remat"),
-        )
-
-    current = {"unet": make_unet_fn()}  # replaced if the default attention fails
-
-    def unet_call(x, t, ctx):
-        return current["unet"](params16["unet"], x, t, ctx, config, bf16)
-
-    def unet_compiled(x, t, ctx):
-        # After the timed calls, so the first call's time still includes the compile
-        # (lower().compile() shares the jit's executable cache).
-        return current["unet"].lower(params16["unet"], x, t, ctx, config, bf16).compile()
-
     info["attention"] = os.environ.get(ENV_ATTENTION, "auto")
 
     def unet_apply(p, x, t, ctx):
         return apply_unet(p, x, t, ctx, config, bf16)
+
+    # The attention kernel is picked (from JAXDIFF_ATTENTION) when this is traced.
+    unet_fn = jax.jit(unet_apply)
+
+    def unet_call(x, t, ctx):
+        return unet_fn(params16["unet"], x, t, ctx)
+
+    def unet_compiled(x, t, ctx):
+        # After the timed calls, so the first call's time still includes the compile
+        # (lower().compile() shares the jit's executable cache).
+        return unet_fn.lower(params16["unet"], x, t, ctx).compile()
 
     def model_flops(fn, *args) -> float:
         """Matmul/conv FLOPs of ``fn(*args)`` from its jaxpr, attention traced as XLA's
@@ -521,8 +538,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         info["attention"] = f"xla (auto failed at {item})"
         info["auto_attention_error"] = error
         os.environ[ENV_ATTENTION] = "xla"
-        jax.clear_caches()  # the sampler's module-level jit must retrace too
-        current["unet"] = make_unet_fn()
+        jax.clear_caches()  # every jitted function (the UNet's, the sampler's) retraces
         return True
 
     unet_inputs = {}
@@ -565,13 +581,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     )
 
     if runner.wants("train_step"):
-        tx = optim.make_optimizer(
-            optim.trainable_labels({"unet": params32["unet"]}, ("unet",)),
-            optax.constant_schedule(LR),
-            weight_decay=1e-2,
-            clip_norm=1.0,
-        )
-        step_cfg = StepConfig(trainable=("unet",), compute_dtype=bf16, ema_decay=None)
+        tx, step_cfg = train_setup(params32["unet"], bf16)
         inp = _inputs(cfg, "train_step")
         batch = {
             "latents": jnp.asarray(_nhwc(inp["latents"])),

@@ -24,26 +24,16 @@ def main() -> None:
     os.environ["JAXDIFF_ATTENTION"] = "xla"
     import jax
     import jax.numpy as jnp
-    import optax
 
     from benchmarks import common, gpu
     from jaxdiff.flops import count_flops
-    from jaxdiff.models.autoencoder import AutoencoderConfig, vae_decode
-    from jaxdiff.models.clip import CLIPTextConfig
-    from jaxdiff.models.sd import SDConfig, abstract_params, apply_unet
-    from jaxdiff.models.unet import UNetConfig
-    from jaxdiff.schedules import SchedulerConfig
-    from jaxdiff.train import optim
-    from jaxdiff.train.step import StepConfig, init_state, make_train_step
+    from jaxdiff.models.autoencoder import vae_decode
+    from jaxdiff.models.sd import abstract_params, apply_unet
+    from jaxdiff.train.step import init_state, make_train_step
 
     jax.default_backend = lambda: "gpu"  # trace the GPU branches (1x1 convs stay convs)
     cfg = gpu.CONFIGS["sd15"]
-    config = SDConfig(
-        unet=UNetConfig.from_diffusers(cfg["unet"]),
-        vae=AutoencoderConfig.from_diffusers(cfg["vae"]),
-        text_encoder=CLIPTextConfig(**cfg["clip"], vocab_size=49408),
-        scheduler=SchedulerConfig.from_dict(gpu.SCHEDULER),
-    )
+    config = gpu.sd_config(cfg, vocab_size=49408, bos=49406, eos=49407)  # CLIP's vocabulary
     bf16, f32, S = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
     p32 = abstract_params(config)
     p16 = jax.tree.map(lambda a: S(a.shape, bf16), p32)
@@ -71,13 +61,7 @@ def main() -> None:
         lambda p, z: vae_decode(p, z, config.vae, bf16), p16["vae"], S((b, side, side, 4), f32)
     )
     add("vae_decode", b, flops)
-    tx = optim.make_optimizer(
-        optim.trainable_labels({"unet": p32["unet"]}, ("unet",)),
-        optax.constant_schedule(gpu.LR),
-        weight_decay=1e-2,
-        clip_norm=1.0,
-    )
-    step_cfg = StepConfig(trainable=("unet",), compute_dtype=bf16, ema_decay=None)
+    tx, step_cfg = gpu.train_setup(p32["unet"], bf16)
     state = jax.eval_shape(lambda p: init_state(p, tx, step_cfg, jax.random.key(0)), p32)
     b = batches["train_step"]
     batch = {"latents": S((b, side, side, 4), f32), "input_ids": S((b, 77), jnp.int32)}

@@ -43,18 +43,12 @@ def _conv_flops(eqn) -> float:
 
 
 def _sub_jaxprs(eqn):
-    """(jaxpr, multiplier) for the sub-computations of a higher-order primitive."""
-    name = eqn.primitive.name
-    if name == "cond":  # one branch runs: count the costliest
-        return [("max", [b.jaxpr for b in eqn.params["branches"]])]
-    out = []
-    times = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+    """The jaxprs inside a higher-order primitive's params (pjit, scan, custom_vjp, ...)."""
     for value in eqn.params.values():
         for v in value if isinstance(value, (tuple, list)) else (value,):
             inner = getattr(v, "jaxpr", v)
             if hasattr(inner, "eqns"):
-                out.append((times, inner))
-    return out
+                yield inner
 
 
 def jaxpr_flops(jaxpr: Any) -> Counter:
@@ -71,11 +65,12 @@ def jaxpr_flops(jaxpr: Any) -> Counter:
             total["dot"] += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total["conv"] += _conv_flops(eqn)
-        for times, inner in _sub_jaxprs(eqn):
-            if times == "max":
-                counts = [jaxpr_flops(b) for b in inner]
-                total.update(max(counts, key=lambda c: sum(c.values())))
-            else:
+        elif name == "cond":  # one branch runs
+            branches = [jaxpr_flops(b) for b in _sub_jaxprs(eqn)]
+            total.update(max(branches, key=lambda c: sum(c.values())))
+        else:
+            times = float(eqn.params["length"]) if name == "scan" else 1.0
+            for inner in _sub_jaxprs(eqn):
                 for kind, flops in jaxpr_flops(inner).items():
                     total[kind] += times * flops
     return total
