@@ -22,6 +22,11 @@ PyTorch, which compiles nothing, the same number is its first-call overhead).
 The UNet, VAE and end-to-end outputs are compared across contenders (max |diff|)
 so the timings are known to be of the same computation.
 
+Contender ``jaxdiff_cores`` is jaxdiff again in a worker with one XLA host device
+per core (``--xla_force_host_platform_device_count``): the same calls with their
+batches split over the devices (a user's choice on a CPU host; see README
+"Speed"). The peers run as their users would, on one device.
+
 Run:  python -m benchmarks.cpu [--repeats 5] [--out benchmarks/results/cpu.json]
 """
 
@@ -45,8 +50,12 @@ from benchmarks import common  # noqa: E402
 
 # "candidate" is jaxdiff imported from another directory (--candidate), e.g. a patched
 # copy: measured in the same interleaved run, it gives a change's before/after.
-CONTENDERS = ("jaxdiff", "candidate", "flax039", "torch")
-OURS = ("jaxdiff", "candidate")
+# "jaxdiff_cores" is jaxdiff with one XLA host device per core (the worker's
+# --xla_force_host_platform_device_count): batches split over the cores, and one image's
+# guidance pair split in two. XLA:CPU runs many of the UNet's convolutions and matmuls
+# on one thread (benchmarks/NOTES.md), so two devices keep both cores busy.
+CONTENDERS = ("jaxdiff", "jaxdiff_cores", "candidate", "flax039", "torch")
+OURS = ("jaxdiff", "jaxdiff_cores", "candidate")
 ITEMS = ("unet_b2", "unet_b8", "vae_decode", "train_step", "t2i_20")
 SLOW_ITEMS = ("train_step", "t2i_20")
 # Items with a goal: jaxdiff time / peer time must be at most this.
@@ -267,6 +276,7 @@ class JaxdiffBench:
         import jax
         import jax.numpy as jnp
         import optax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
         from transformers import CLIPTokenizer
 
         import jaxdiff
@@ -281,20 +291,28 @@ class JaxdiffBench:
         spec = json.loads((directory / "spec.json").read_text())
         inputs = dict(np.load(directory / "inputs.npz"))
         config, params = load_pretrained(directory / "model")
-        params = jax.device_put(params)
         self.versions = {"jax": jax.__version__, "jaxdiff": str(Path(jaxdiff.__file__).parent)}
         self.devices = len(jax.devices())
+        # One device: everything on it, as before. Several (jaxdiff_cores): params
+        # replicated, batches split over the devices where they divide.
+        mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        split = NamedSharding(mesh, PartitionSpec("data"))
+        params = jax.device_put(params, replicated)
+
+        def jnp_batch(a: np.ndarray) -> jax.Array:
+            return jax.device_put(a, split if a.shape[0] % self.devices == 0 else replicated)
 
         unet_fn = jax.jit(apply_unet, static_argnames=("config", "dtype", "remat"))
         fns: dict[str, Any] = {}
         for item in ("unet_b2", "unet_b8"):
-            x = jnp.asarray(_nhwc(inputs[f"{item}_x"]))
-            t = jnp.asarray(inputs[f"{item}_t"])
-            ctx = jnp.asarray(inputs[f"{item}_ctx"])
+            x = jnp_batch(_nhwc(inputs[f"{item}_x"]))
+            t = jnp_batch(inputs[f"{item}_t"])
+            ctx = jnp_batch(inputs[f"{item}_ctx"])
             fns[item] = lambda x=x, t=t, ctx=ctx: unet_fn(params["unet"], x, t, ctx, config)
 
         dec = jax.jit(vae_decode, static_argnames=("config", "dtype"))
-        z = jnp.asarray(_nhwc(inputs["vae_decode_z"]))
+        z = jnp_batch(_nhwc(inputs["vae_decode_z"]))
         fns["vae_decode"] = lambda: dec(params["vae"], z, config.vae)
 
         # Train step: the UNet trains; CLIP and the VAE are frozen; no EMA (the peers
@@ -311,8 +329,8 @@ class JaxdiffBench:
         state_box = [init_state(train_params, tx, step_cfg, jax.random.key(0))]
         step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
         batch = {
-            "latents": jnp.asarray(_nhwc(inputs["train_step_latents"])),
-            "input_ids": jnp.asarray(inputs["train_step_ids"]),
+            "latents": jnp_batch(_nhwc(inputs["train_step_latents"])),
+            "input_ids": jnp_batch(inputs["train_step_ids"]),
         }
         # A key of its own: state.rng is donated with the state on every call.
         step_rng = jax.random.key(1)
@@ -716,8 +734,7 @@ def _report(results: dict, items, agreement: dict) -> tuple[str, list, dict]:
     ours = [c for c in OURS if c in results]
     peers = [c for c in present if c not in OURS]
     pairs = [(a, b) for a in ours for b in peers]
-    if len(ours) == 2:
-        pairs.append(("candidate", "jaxdiff"))
+    pairs += [(a, "jaxdiff") for a in ours if a != "jaxdiff" and "jaxdiff" in ours]
     headers = ["item"] + present + [f"{a}/{b}" for a, b in pairs]
 
     def row(label: str, table: dict, i: str) -> list[str]:
@@ -733,7 +750,7 @@ def _report(results: dict, items, agreement: dict) -> tuple[str, list, dict]:
                 if item not in items:
                     continue
                 r = common.ratio(med[us].get(item), med.get(peer, {}).get(item))
-                key = f"{item} vs {peer}" + ("" if us == "jaxdiff" else " (candidate)")
+                key = f"{item} vs {peer}" + ("" if us == "jaxdiff" else f" ({us})")
                 goals[key] = {"ratio": r, "limit": limit, "met": None if r is None else r <= limit}
     text = common.table(headers, rows)
     lines = [text, "", "goals (our time / peer time):"]
@@ -789,7 +806,11 @@ def run(args: argparse.Namespace) -> dict:
         argv += ["--threads", str(threads)]
         if c == "candidate":
             argv += ["--jaxdiff-path", str(Path(args.candidate).resolve())]
-        workers[c] = common.Worker(c, argv, work / f"worker_{c}.log", env)
+        worker_env = dict(env)
+        if c == "jaxdiff_cores":
+            flags = worker_env.get("XLA_FLAGS", "")
+            worker_env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={threads}"
+        workers[c] = common.Worker(c, argv, work / f"worker_{c}.log", worker_env)
     meter = common.LoadMeter(lambda: [w.proc.pid for w in workers.values()])
 
     results: dict[str, dict] = {}

@@ -66,5 +66,9 @@ def run(args: argparse.Namespace, extra=()) -> int:
     save_png(make_grid(images, rows=len(args.prompt)), out)
     for i, im in enumerate(images):
         save_png(im, out.with_name(f"{out.stem}_{i:03d}.png"))
-    print(f"wrote {out} ({len(images)} images, {images.shape[1]}x{images.shape[2]})")
+    n_dev = pipe.mesh.devices.size
+    print(
+        f"wrote {out} ({len(images)} images, {images.shape[1]}x{images.shape[2]}, "
+        f"on {n_dev} device{'s' if n_dev > 1 else ''})"
+    )
     return 0

@@ -6,7 +6,10 @@ shapes, sampler and step count static and everything a user changes between
 calls (prompts, guidance scale, strength, eta, seeds) traced, so changing
 those never recompiles. The batch is sharded over every local device with
 ``jax.jit`` + ``NamedSharding``; a batch that does not divide by the device
-count is padded and the padding dropped.
+count is padded (:func:`batch_padding`) and the padding dropped. The UNet's
+guidance batch [uncond; cond] is split over the devices on its own, so one
+image on two devices runs one half of the pair on each, and a batch smaller
+than the device count decodes split by rows.
 
 Semantics follow diffusers' ``StableDiffusionPipeline``,
 ``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline``:
@@ -51,6 +54,7 @@ class GenerateSpec:
       latent_hw: (h, w) of the latents.
       dtype: compute dtype of the networks.
       progress: tick a progress bar per step.
+      mesh: the 1-D ``("data",)`` mesh the batch runs on, or None (no constraints).
     """
 
     config: SDConfig
@@ -61,6 +65,7 @@ class GenerateSpec:
     latent_hw: tuple[int, int]
     dtype: Any = jnp.float32
     progress: bool = False
+    mesh: Mesh | None = None
 
     @functools.cached_property
     def plan(self) -> samplers.SamplerPlan:
@@ -109,8 +114,12 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
     cfg, dtype, plan = spec.config, spec.dtype, spec.plan
     keys = inputs["keys"]
     noise = inputs["noise"].astype(jnp.float32)
-    cond = encode_text(params["text_encoder"], inputs["input_ids"], cfg, dtype)
-    uncond = encode_text(params["text_encoder"], inputs["negative_ids"], cfg, dtype)
+    # Negative and positive prompts in one [2B, L] call, laid out like the UNet's
+    # guidance batch below, so it shards the same way.
+    ids = _split_over_mesh(
+        jnp.concatenate([inputs["negative_ids"], inputs["input_ids"]], axis=0), spec.mesh, 0
+    )
+    uncond, cond = jnp.split(encode_text(params["text_encoder"], ids, cfg, dtype), 2, axis=0)
 
     lat_c = cfg.vae.latent_channels
     extra = None  # 9-channel inpainting: [mask, masked-image latents] beside x
@@ -143,6 +152,9 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
     def net_fn(x, t, context):
         if extra is not None:
             x = jnp.concatenate([x, jnp.concatenate([extra, extra], axis=0)], axis=-1)
+        # The guidance batch [uncond; cond] is 2B: split it over the devices even when
+        # B alone does not divide (one image on two devices: one half each).
+        x, context = (_split_over_mesh(a, spec.mesh, 0) for a in (x, context))
         return apply_unet(params["unet"], x, t, context, cfg, dtype)
 
     # diffusers runs no guidance when guidance_scale <= 1: the result is the conditional
@@ -161,12 +173,43 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
         step_hook=step_hook,
         progress=spec.progress,
     )
+    if spec.mesh is not None and latents.shape[0] % spec.mesh.devices.size:
+        # Fewer images than devices: split the decoder's rows instead (XLA exchanges
+        # the convolutions' halo rows), rather than every device decoding every image.
+        latents = _split_over_mesh(latents, spec.mesh, 1)
     images = decode_latents(params["vae"], latents, cfg, dtype)
     images = jnp.clip(images / 2 + 0.5, 0.0, 1.0)
     return jnp.round(images * 255).astype(jnp.uint8)
 
 
 _generate_jit = jax.jit(generate, static_argnames=("spec",))
+
+
+def _split_over_mesh(x: jax.Array, mesh: Mesh | None, axis: int) -> jax.Array:
+    """Constrain ``x``'s ``axis`` to be split over ``mesh``'s devices where it divides.
+
+    Returns ``x`` unchanged without a mesh, on one device, or when the axis's
+    length is not a multiple of the device count.
+    """
+    n = 1 if mesh is None else mesh.devices.size
+    if n == 1 or x.shape[axis] % n:
+        return x
+    spec = PartitionSpec(*([None] * axis), mesh.axis_names[0])
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_padding(batch: int, devices: int) -> int:
+    """Dummy images to add so a batch of ``batch`` images runs on ``devices`` devices.
+
+    Every step runs the UNet on the doubled guidance batch (2 x images), so with an
+    even device count the images need only fill half the devices: one image on two
+    devices needs no padding (each device runs one half of the guidance pair), two
+    images on eight devices are padded to four, not eight.
+    """
+    if batch < 1 or devices < 1:
+        raise ValueError(f"batch and devices must be >= 1; got {batch}, {devices}")
+    unit = devices // 2 if devices % 2 == 0 else devices
+    return (-batch) % unit
 
 
 def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
@@ -411,7 +454,9 @@ class StableDiffusion:
                 raise ValueError(f"latents must be NHWC {list(shape)}; got {list(noise.shape)}")
 
         sampler = sampler or cfg.scheduler.default_sampler
-        spec = GenerateSpec(cfg, mode, sampler, int(steps), schedule, hw, self.dtype, progress)
+        spec = GenerateSpec(
+            cfg, mode, sampler, int(steps), schedule, hw, self.dtype, progress, self.mesh
+        )
         spec.plan  # noqa: B018 - validates sampler / steps / schedule before any device work
         inputs = {
             "input_ids": self.tokenize(prompts),
@@ -424,9 +469,12 @@ class StableDiffusion:
         if mask_arr is not None:
             inputs["mask"] = mask_arr
         n_dev = self.mesh.devices.size
-        pad = (-b) % n_dev
-        batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        pad = batch_padding(b, n_dev)
         inputs = {k: _pad(v, pad) for k, v in inputs.items()}
+        # A batch that fills only half the devices goes in whole; generate() splits the
+        # guidance batch, which does divide.
+        split = (b + pad) % n_dev == 0
+        batch_sharding = NamedSharding(self.mesh, PartitionSpec("data" if split else None))
         inputs = jax.device_put(inputs, batch_sharding)
         scalars = {
             "guidance_scale": np.float32(guidance_scale),

@@ -1,8 +1,9 @@
 """Smoke test of the benchmark scripts: their jaxdiff code paths at toy sizes.
 
 No timing is asserted. It runs ``benchmarks/cpu.py`` end to end for the
-jaxdiff contender alone (model build, the worker process and its protocol,
-the UNet, train-step and text-to-image items, the table and the JSON) and
+jaxdiff contenders alone (one device, and one host device per core: model
+build, the worker processes and their protocol, the UNet, train-step and
+text-to-image items, the table, the JSON and their agreement) and
 ``benchmarks/gpu.py --tiny`` for the jaxdiff contender's UNet and VAE items, so
 the scripts keep working as the library changes. The peers (diffusers-Flax 0.39
 in its own venv, PyTorch) are left out: they are what the benchmarks measure
@@ -12,6 +13,7 @@ against, not what this repository ships.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +46,7 @@ def test_cpu_benchmark_jaxdiff_tiny(tmp_path):
             "tiny",
             "--contenders",
             "jaxdiff",
+            "jaxdiff_cores",
             # unet_b8 and vae_decode add compile time, not code paths (the gpu test
             # below decodes): the smoke test stays under a minute on 2 cores.
             "--items",
@@ -63,12 +66,19 @@ def test_cpu_benchmark_jaxdiff_tiny(tmp_path):
     report = cpu.run(args)
     saved = json.loads(out.read_text())
     assert saved["results"]["jaxdiff"]["devices"] == 1
-    items = saved["results"]["jaxdiff"]["items"]
-    assert set(items) == {"unet_b2", "train_step", "t2i_20"}
-    for item, r in items.items():
-        assert "error" not in r, (item, r)
-        assert r["n"] == 1 and r["median_s"] > 0 and r["compile_s"] >= 0
+    # one host device per core (the worker's thread count)
+    assert saved["results"]["jaxdiff_cores"]["devices"] == (os.cpu_count() or 1)
+    for name in ("jaxdiff", "jaxdiff_cores"):
+        items = saved["results"][name]["items"]
+        assert set(items) == {"unet_b2", "train_step", "t2i_20"}
+        for item, r in items.items():
+            assert "error" not in r, (name, item, r)
+            assert r["n"] == 1 and r["median_s"] > 0 and r["compile_s"] >= 0
     assert report["goals"]["unet_b2 vs torch"]["met"] is None  # no peer ran
+    # Split over devices, the same computation: UNet to fp32 rounding, images to a level.
+    agree = report["agreement"]
+    assert agree["unet_b2"]["jaxdiff-jaxdiff_cores"]["max_abs_diff"] < 1e-4
+    assert agree["t2i_20"]["jaxdiff-jaxdiff_cores"]["max_abs_diff"] <= 1
     work = tmp_path / "work"
     images = np.load(work / "out_jaxdiff_t2i_20.npy")
     spec = json.loads((work / "spec.json").read_text())

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from tiny_sd import build_tiny_sd
 
-from jaxdiff.cli import main
+from jaxdiff.cli import DEVICE_COUNT_FLAG, cpu_devices_flags, main
 from jaxdiff.weights import files, original, safetensors_io
 from jaxdiff.weights.pretrained import load_config, load_pretrained
 
@@ -87,3 +93,28 @@ def _leaves(tree):
 def test_unknown_subcommand_arguments_are_rejected(model):
     with pytest.raises(SystemExit):
         main(["sample", "--model", str(model), "--prompt", "x", "--bogus", "1"])
+
+
+def test_cpu_devices_flag(model, tmp_path):
+    flags = cpu_devices_flags(f"--xla_foo=1 {DEVICE_COUNT_FLAG}=8", 2)
+    assert flags.split() == ["--xla_foo=1", f"{DEVICE_COUNT_FLAG}=2"]
+    with pytest.raises(ValueError, match=">= 1"):
+        cpu_devices_flags("", 0)
+    # Once JAX is running in a process: a clear error, not a silent no-op.
+    assert len(jax.devices()) == 8  # conftest's simulated devices; starts the backend
+    flags = os.environ["XLA_FLAGS"]
+    with pytest.raises(RuntimeError, match="fresh process"):
+        main(["--cpu-devices", "2", "sample", "--model", str(model), "--prompt", "x"])
+    assert os.environ["XLA_FLAGS"] == flags  # left as it was
+    # A fresh process takes it: one image, its guidance pair split over 2 devices.
+    out = tmp_path / "one.png"
+    argv = ["--cpu-devices", "2", "sample", "--model", str(model), "--prompt", "a cat",
+            "--steps", "2", "--height", "16", "--width", "16", "--out", str(out)]  # fmt: skip
+    cache = Path(__file__).resolve().parent.parent / ".jax_cache"  # conftest's cache
+    env = {**os.environ, "JAXDIFF_COMPILE_CACHE": str(cache)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.cli", *argv], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 images, 16x16, on 2 devices" in proc.stdout
+    assert out.exists()

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec as P
 from tiny_sd import build_tiny_sd
 
 from jaxdiff import pipeline as pipeline_mod
@@ -156,6 +157,35 @@ def test_sharded_batch_matches_single_device(sd1):
     single = one.text_to_image(prompts, seed=3, **kw)
     assert sharded.shape == (5, 16, 16, 3)
     assert _mad(sharded, single) <= 0.01 and np.abs(sharded.astype(int) - single).max() <= 1
+
+
+def test_one_image_splits_the_guidance_pair_over_devices(sd1):
+    """One image on 2 devices: no padding, each device runs one half of the guidance
+    pair and the decoder is split by rows; on 8 devices the image is padded to 4."""
+    _, _, pipe = sd1
+    kw = dict(steps=4, sampler="ddim", seed=5, progress=False)
+    single = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
+    two = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:2])
+    ref = single.text_to_image("a photo of a cat", **kw)
+    for other in (two, pipe):
+        out = other.text_to_image("a photo of a cat", **kw)
+        assert out.shape == ref.shape == (1, 16, 16, 3)
+        assert _mad(out, ref) <= 0.01 and np.abs(out.astype(int) - ref).max() <= 1
+
+
+def test_batch_padding_and_split_over_mesh():
+    assert [pipeline_mod.batch_padding(b, 2) for b in (1, 2, 3)] == [0, 0, 0]
+    assert [pipeline_mod.batch_padding(b, 8) for b in (1, 4, 5, 8)] == [3, 0, 3, 0]
+    assert [pipeline_mod.batch_padding(b, 3) for b in (1, 3)] == [2, 0]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        pipeline_mod.batch_padding(0, 2)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    split = jax.jit(lambda x, axis: pipeline_mod._split_over_mesh(x, mesh, axis), static_argnums=1)
+    x = jax.device_put(np.zeros((2, 3, 4), np.float32), jax.sharding.NamedSharding(mesh, P()))
+    assert split(x, 0).sharding.spec == P("data")
+    assert split(x, 2).sharding.spec in (P(None, None, "data"), P(None, None, ("data",)))
+    assert split(x, 1).sharding.is_fully_replicated  # 3 rows do not divide by 2
+    assert pipeline_mod._split_over_mesh(x, None, 0) is x
 
 
 def test_image_to_image_small_strength_is_the_vae_round_trip(tmp_path):
