@@ -70,6 +70,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "patch": ("jaxdiff.models.layers", "_ONE_PASS_GROUPNORM", True),
         "items": ("unet_b16", "vae_decode"),
     },
+    # Nearest x2 upsampling + 3x3 conv from the low-resolution input (layers.py's
+    # sub-pixel form, 4/9 of the multiply-adds). The VAE decoder's three upsampling
+    # convs are ~695 of its 2514 GFLOP per 512² image; predicted: VAE decode 44 -> ~39 ms
+    # if cuDNN runs the [2, 2, C, 4C] kernels as fast per FLOP as the 3x3 ones.
+    "subpixel_upsample": {
+        "patch": ("jaxdiff.models.layers", "_SUBPIXEL_UPSAMPLE", True),
+        "items": ("vae_decode", "unet_b16"),
+    },
     # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
     # fuse into the matmuls that read them (2.4 + 1.9 ms of elementwise kernels in the
     # batch-16 UNet); the risk is slower matmuls than cuBLAS's.

@@ -532,6 +532,37 @@ def test_groupnorm_statistics_in_fp32():
     assert np.max(np.abs(np.asarray(out, np.float64) - ref)) < 0.04  # bf16 ulp at |4| is 0.03
 
 
+def test_subpixel_upsample_matches_diffusers_and_reference_gradient(monkeypatch):
+    """Upsample2D's sub-pixel form (nearest x2 + 3x3 conv from the low-res input)."""
+    import jaxdiff.models.layers as layers
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 16, 7, 9)).astype(np.float32)  # NCHW, odd sizes
+    torch.manual_seed(7)
+    ref_module = TorchUpsample2D(16, True, out_channels=8).eval()
+    with torch.no_grad():
+        ref = ref_module(torch.from_numpy(x)).numpy()
+    monkeypatch.setattr(layers, "_SUBPIXEL_UPSAMPLE", True)
+    out = np.asarray(_apply(Upsample2D(8), ref_module, x.transpose(0, 2, 3, 1)))
+    assert out.transpose(0, 3, 1, 2).shape == ref.shape == (2, 8, 14, 18)
+    assert np.max(np.abs(out.transpose(0, 3, 1, 2) - ref)) <= TOL
+
+    xs = jnp.asarray(x.transpose(0, 2, 3, 1))
+    k = jnp.asarray(rng.standard_normal((3, 3, 16, 8)).astype(np.float32) / 12)
+    weight = jnp.asarray(rng.standard_normal((2, 14, 18, 8)).astype(np.float32))
+    grads = [
+        jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(weight * f(x, k)), argnums=(0, 1)))(xs, k)
+        for f in (layers.upsample2x_conv3x3, layers._upsample_conv_reference)
+    ]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+    # "auto": on CPU from 32x32 inputs (the VAE decoder's), not below (the small UNet's).
+    monkeypatch.setattr(layers, "_SUBPIXEL_UPSAMPLE", "auto")
+    assert layers._use_subpixel(jnp.zeros((1, 32, 32, 4)))
+    assert not layers._use_subpixel(jnp.zeros((1, 16, 16, 4)))
+
+
 def test_groupnorm_one_pass_statistics_agree(monkeypatch):
     """The one-pass variant (a benchmark switch) against the default two-pass one."""
     import jaxdiff.models.layers as layers

@@ -282,6 +282,94 @@ def _resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.take(x, _nearest_indices(w, size[1]), axis=2)
 
 
+# Nearest x2 upsampling then a 3x3 convolution, computed from the low-resolution input
+# (the "sub-pixel" form): each of the four output phases (row parity a, column parity b)
+# sees only a 2x2 window of the input, with the 3x3 kernel's taps summed onto it. Row
+# phase 0 takes input rows (i-1, i) with kernel rows (0, 1+2); phase 1 takes (i, i+1)
+# with (0+1, 2). One 2x2 convolution with 4x the output channels gives all four phases:
+# 16 multiply-adds per input pixel and channel pair instead of 36.
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+# "auto": the sub-pixel form on CPU for inputs of at least this many pixels, where it
+# measured faster (benchmarks/NOTES.md: [1, 64, 64, 128] 25.3 -> 13.2 ms); from 16x16
+# down it was no faster or slower, and other backends keep the plain form unless
+# _SUBPIXEL_UPSAMPLE is True (benchmarks/gpu.py's "subpixel_upsample" experiment).
+_SUBPIXEL_MIN_PIXELS = 32 * 32
+_SUBPIXEL_UPSAMPLE: bool | str = "auto"
+
+
+def _use_subpixel(x: jax.Array) -> bool:
+    if _SUBPIXEL_UPSAMPLE != "auto":
+        return bool(_SUBPIXEL_UPSAMPLE)
+    return jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] >= _SUBPIXEL_MIN_PIXELS
+
+
+def _upsample_conv_reference(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """3x3 convolution (padding 1) of x [B, H, W, C] repeated x2 along H and W."""
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv_general_dilated(
+        up,
+        kernel,
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=jax.lax.conv_dimension_numbers(
+            up.shape, kernel.shape, ("NHWC", "HWIO", "NHWC")
+        ),
+        precision=precision,
+    )
+
+
+@jax.custom_vjp
+def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv3x3(nearest_upsample_x2(x))`` (padding 1) without forming the upsampled input.
+
+    The same function as :func:`_upsample_conv_reference` up to rounding (the kernel
+    taps are summed in fp32 before the products), at 4/9 of its multiply-adds. The
+    gradient is the reference form's.
+
+    Args: x [B, H, W, C]; kernel [3, 3, C, O] (HWIO). Returns [B, 2H, 2W, O].
+    """
+    b, h, w, c = x.shape
+    o = kernel.shape[-1]
+    k = kernel.astype(jnp.float32)
+    k4 = jnp.einsum("ari,bsj,ijco->rscabo", _PHASE_TAPS, _PHASE_TAPS, k)
+    k4 = k4.reshape(2, 2, c, 4 * o).astype(kernel.dtype)
+    y = conv_general_dilated(
+        x,
+        k4,
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=jax.lax.conv_dimension_numbers(
+            x.shape, k4.shape, ("NHWC", "HWIO", "NHWC")
+        ),
+    )  # [B, H+1, W+1, 4O]: phase (a, b) of output pixel (2i+a, 2j+b) is at (i+a, j+b)
+    y = y.reshape(b, h + 1, w + 1, 2, 2, o)
+    rows = [
+        jnp.stack([y[:, a : a + h, c2 : c2 + w, a, c2] for c2 in (0, 1)], axis=3) for a in (0, 1)
+    ]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, o)
+
+
+def _upsample_conv_fwd(x, kernel):
+    return upsample2x_conv3x3(x, kernel), (x, kernel)
+
+
+def _upsample_conv_bwd(res, g):
+    # The reference form's gradient: XLA:CPU ran the 2x2 form's kernel gradient 15-30x
+    # slower than this (benchmarks/NOTES.md). Its unused forward is dead code under jit.
+    x, kernel = res
+    _, vjp = jax.vjp(_upsample_conv_reference, x, kernel)
+    return vjp(g)
+
+
+upsample2x_conv3x3.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
+
+
+def _subpixel_conv(lhs, rhs, window_strides, padding, **kwargs):
+    """``nn.Conv``'s convolution for :class:`Upsample2D`: takes the input before upsampling."""
+    del window_strides, padding, kwargs  # always stride 1, padding 1, NHWC/HWIO
+    return upsample2x_conv3x3(lhs, rhs)
+
+
 class Upsample2D(nn.Module):
     """diffusers ``Upsample2D`` with a convolution: nearest x2 resize, then a 3x3 conv ``conv``.
 
@@ -306,13 +394,20 @@ class Upsample2D(nn.Module):
         """
         h, w = x.shape[1:3]
         size = (2 * h, 2 * w) if output_size is None else tuple(int(s) for s in output_size)
+        features = self.out_channels or x.shape[-1]
+        if size == (2 * h, 2 * w) and _use_subpixel(x):
+            # Same params ("conv": kernel [3, 3, C, O], bias), computed sub-pixel.
+            return nn.Conv(
+                features,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                conv_general_dilated=_subpixel_conv,
+                name="conv",
+            )(x)
         x = _resize_nearest(x, size)
-        return conv3x3(
-            self.out_channels or x.shape[-1],
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
-        )(x)
+        return conv3x3(features, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
 def timestep_embedding(
