@@ -326,7 +326,12 @@ class JaxdiffBench:
         step_cfg = StepConfig(trainable=("unet",), ema_decay=None)
         # A copy: the state is donated each step, and the inference items keep using params.
         train_params = jax.tree.map(jnp.copy, params)
-        state_box = [init_state(train_params, tx, step_cfg, jax.random.key(0))]
+        # Placed as the step's outputs will be (replicated NamedSharding): a state with
+        # other shardings (e.g. init's uncommitted scalars) made the second call
+        # compile the step again (~40 s).
+        state_box = [
+            jax.device_put(init_state(train_params, tx, step_cfg, jax.random.key(0)), replicated)
+        ]
         step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
         batch = {
             "latents": jnp_batch(_nhwc(inputs["train_step_latents"])),
