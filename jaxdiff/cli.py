@@ -11,6 +11,7 @@ are one entry each. The work itself lives in the library.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -122,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command not in _ACCEPTS_OVERRIDES:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if args.cpu_devices is not None:
-        import os
-
         try:
             flags = cpu_devices_flags(os.environ.get("XLA_FLAGS", ""), args.cpu_devices)
         except ValueError as e:
@@ -171,8 +170,6 @@ def _enable_compile_cache() -> None:
     ``JAXDIFF_COMPILE_CACHE`` picks the directory (default ``~/.cache/jaxdiff/xla``);
     set it to an empty string to turn the cache off.
     """
-    import os
-
     path = os.environ.get(
         "JAXDIFF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff", "xla")
     )

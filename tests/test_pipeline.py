@@ -159,7 +159,7 @@ def test_sharded_batch_matches_single_device(sd1):
     assert _mad(sharded, single) <= 0.01 and np.abs(sharded.astype(int) - single).max() <= 1
 
 
-def test_one_image_splits_the_guidance_pair_over_devices(sd1):
+def test_one_image_splits_the_guidance_pair_over_devices(sd1, monkeypatch):
     """One image on 2 devices: no padding, each device runs one half of the guidance
     pair and the decoder is split by rows; on 8 devices the image is padded to 4."""
     _, _, pipe = sd1
@@ -167,10 +167,27 @@ def test_one_image_splits_the_guidance_pair_over_devices(sd1):
     single = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
     two = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:2])
     ref = single.text_to_image("a photo of a cat", **kw)
+    # Which arrays generate() splits, seen while the 2- and 8-device calls are traced.
+    split_calls = []
+    original = pipeline_mod._split_over_mesh
+
+    def recording(x, mesh, axis):
+        out = original(x, mesh, axis)
+        split_calls.append((mesh.devices.size, x.shape, axis, out is not x))
+        return out
+
+    monkeypatch.setattr(pipeline_mod, "_split_over_mesh", recording)
+    pipeline_mod._generate_jit.clear_cache()
     for other in (two, pipe):
         out = other.text_to_image("a photo of a cat", **kw)
         assert out.shape == ref.shape == (1, 16, 16, 3)
         assert _mad(out, ref) <= 0.01 and np.abs(out.astype(int) - ref).max() <= 1
+    hw = (16 // pipe.config.latent_factor,) * 2  # the latents of a 16x16 image
+    two_dev = {(shape, axis, done) for n, shape, axis, done in split_calls if n == 2}
+    assert ((2, *hw, 4), 0, True) in two_dev  # the guidance pair [uncond; cond], one image
+    assert ((1, *hw, 4), 1, True) in two_dev  # the decoder's latents, by rows
+    eight = {(shape[0], axis, done) for n, shape, axis, done in split_calls if n == 8}
+    assert (8, 0, True) in eight  # padded to 4 images: a guidance batch of 8
 
 
 def test_batch_padding_and_split_over_mesh():

@@ -543,7 +543,10 @@ def test_subpixel_upsample_matches_diffusers_and_reference_gradient(monkeypatch)
     with torch.no_grad():
         ref = ref_module(torch.from_numpy(x)).numpy()
     monkeypatch.setattr(layers, "_SUBPIXEL_UPSAMPLE", True)
-    out = np.asarray(_apply(Upsample2D(8), ref_module, x.transpose(0, 2, 3, 1)))
+    module, x_nhwc = Upsample2D(8), x.transpose(0, 2, 3, 1)
+    variables = jax.eval_shape(module.init, jax.random.key(0), x_nhwc)
+    assert "custom_vjp" in str(jax.make_jaxpr(module.apply)(variables, x_nhwc))  # sub-pixel
+    out = np.asarray(_apply(module, ref_module, x_nhwc))
     assert out.transpose(0, 3, 1, 2).shape == ref.shape == (2, 8, 14, 18)
     assert np.max(np.abs(out.transpose(0, 3, 1, 2) - ref)) <= TOL
 

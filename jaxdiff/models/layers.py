@@ -33,6 +33,7 @@ __all__ = [
     "timestep_embedding",
     "conv3x3",
     "conv_general_dilated",
+    "upsample2x_conv3x3",
     "Conv",
 ]
 
@@ -303,9 +304,9 @@ def _use_subpixel(x: jax.Array) -> bool:
     return jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] >= _SUBPIXEL_MIN_PIXELS
 
 
-def _upsample_conv_reference(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+def _upsample_conv_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """3x3 convolution (padding 1) of x [B, H, W, C] repeated x2 along H and W."""
-    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    up = _resize_nearest(x, (2 * x.shape[1], 2 * x.shape[2]))
     return conv_general_dilated(
         up,
         kernel,
@@ -314,7 +315,6 @@ def _upsample_conv_reference(x: jax.Array, kernel: jax.Array, precision=None) ->
         dimension_numbers=jax.lax.conv_dimension_numbers(
             up.shape, kernel.shape, ("NHWC", "HWIO", "NHWC")
         ),
-        precision=precision,
     )
 
 
@@ -354,8 +354,9 @@ def _upsample_conv_fwd(x, kernel):
 
 
 def _upsample_conv_bwd(res, g):
-    # The reference form's gradient: XLA:CPU ran the 2x2 form's kernel gradient 15-30x
-    # slower than this (benchmarks/NOTES.md). Its unused forward is dead code under jit.
+    # The reference form's gradient: XLA:CPU ran the 2x2 form's gradient 13-28x slower
+    # than this at the VAE decoder's sizes (benchmarks/NOTES.md). Its unused forward is
+    # dead code under jit.
     x, kernel = res
     _, vjp = jax.vjp(_upsample_conv_reference, x, kernel)
     return vjp(g)
