@@ -437,14 +437,49 @@ def test_conv_general_dilated_matches_lax(shape, size, strides, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("blocked", [False, True])
+def test_cpu_attention_chunk_rules():
+    """Chunks of the CPU attention: whole heads while they fit, else query blocks;
+    backward key blocks: the largest divisor of S within the budget, else all keys."""
+    from jaxdiff.models.attention import _forward_chunks, _key_block
+
+    assert _forward_chunks(8, 2, 1024, 1024) == (2, 1024)  # 2 heads x batch 2 = 2^22
+    assert _forward_chunks(8, 1, 1024, 1024) == (4, 1024)
+    assert _forward_chunks(6, 1, 1024, 1024) == (3, 1024)  # largest divisor of N <= 4
+    assert _forward_chunks(8, 4, 1024, 1024) == (1, 1024)
+    assert _forward_chunks(8, 8, 1024, 1024) == (1, 1024)  # one head at least
+    assert _forward_chunks(8, 2, 1024, 77) == (8, 1024)  # cross-attention: all at once
+    assert _forward_chunks(8, 1, 4096, 4096) == (1, 4096)  # 2^24: still whole
+    assert _forward_chunks(8, 2, 4096, 4096) == (1, 2048)  # 2^25: query blocks
+    assert _key_block(2, 1024, 1024) == 1024  # [2, 1024, 1024] = 2^21: one block
+    assert _key_block(4, 1024, 1024) == 512
+    assert _key_block(8, 1024, 1024) == 256
+    assert _key_block(1, 4096, 4096) == 512
+    assert _key_block(4, 1024, 77) == 77
+    assert _key_block(64, 1024, 96) == 32  # a divisor that fits and is wide enough
+    assert _key_block(128, 1024, 96) == 96  # 16-key blocks would be too narrow: all keys
+
+
+@pytest.mark.parametrize("chunking", ["none", "heads", "queries"])
 @pytest.mark.parametrize("b, t, s, n, h", [(2, 128, 128, 2, 8), (1, 192, 7, 3, 4)])
-def test_attention_values_and_gradients_match_torch(monkeypatch, blocked, b, t, s, n, h):
-    """The CPU attention (query blocks, recomputing backward) against torch's SDPA autograd."""
+def test_attention_values_and_gradients_match_torch(monkeypatch, chunking, b, t, s, n, h):
+    """The CPU attention (chunked forward, key-blocked backward) against torch's SDPA
+    autograd."""
     import jaxdiff.models.attention as attention_module
 
-    # Blocks are used above _CPU_BLOCK_MIN_LOGITS logits; lower it to run them small.
-    monkeypatch.setattr(attention_module, "_CPU_BLOCK_MIN_LOGITS", 0 if blocked else 2**62)
+    # The chunk sizes come from logit budgets; shrink them so the small cases run the
+    # chunked paths: one head per chunk, or query blocks of 32, and backward key
+    # blocks of 32 of the 128 keys (S = 7 is below the smallest block: one block).
+    big = 2**40
+    heads, queries = {"none": (big, big), "heads": (b * t * s, big), "queries": (big, b * s * 32)}[
+        chunking
+    ]
+    monkeypatch.setattr(attention_module, "_CPU_HEAD_CHUNK_LOGITS", heads)
+    monkeypatch.setattr(attention_module, "_CPU_QUERY_BLOCK_LOGITS", queries)
+    if chunking != "none":
+        monkeypatch.setattr(attention_module, "_CPU_BWD_BLOCK_LOGITS", b * 32 * t)
+    expected = {"none": (n, t), "heads": (1, t), "queries": (1, 32)}[chunking]
+    assert attention_module._forward_chunks(n, b, t, s) == expected
+    assert attention_module._key_block(b, t, s) == (s if chunking == "none" or s < 32 else 32)
     rng = np.random.default_rng(7)
     q, k, v, d_out = (
         rng.standard_normal(shape).astype(np.float32)
@@ -466,6 +501,31 @@ def test_attention_values_and_gradients_match_torch(monkeypatch, blocked, b, t, 
     np.testing.assert_allclose(np.asarray(out), to_bthn(ref), atol=2e-5)
     for name, ours, theirs in zip("qkv", grads, (tq.grad, tk.grad, tv.grad), strict=True):
         np.testing.assert_allclose(np.asarray(ours), to_bthn(theirs), atol=5e-5, err_msg=name)
+
+
+def test_cpu_attention_keeps_a_split_batch_split():
+    """With the batch split over devices, the chunked CPU attention (forward and
+    backward) runs on each device's share: no collective gathers the batch (a loop over
+    a split axis would make XLA gather it and every device do all the work)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.asarray(jax.devices()[:2])
+    if devices.size < 2:
+        pytest.skip("needs 2 devices")
+    split = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        jax.device_put(rng.standard_normal((4, 64, 4, 8)).astype(np.float32), split)
+        for _ in range(3)
+    )
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(dot_product_attention(q, k, v)))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    assert "while" in hlo  # the chunk loops are there (4 heads -> a loop over heads)
+    for collective in ("all-gather", "all-to-all", "collective-permute"):
+        assert collective not in hlo, collective
 
 
 def test_gpu_attention_choice_and_fallback(monkeypatch):

@@ -118,90 +118,163 @@ def _use_cudnn(q: jax.Array) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= 128
 
 
-# Queries per block of the CPU attention: a block's logits, [B*N, 32, S] fp32, stay
-# in cache (128 KiB per head at S = 1024), where the whole [B*N, T, S] does not.
-# 32 vs 64 (same process, benchmark model): UNet batch 8 742 vs 799 ms, train step
-# 1.69 vs 1.77 s; 128 was slower still.
-_CPU_QUERY_BLOCK = 32
-# Up to this many logits (B*N*T*S; 2^24 fp32 = 64 MiB) one unblocked fused kernel
-# was faster: the small benchmark UNet at batch 2 (16 x 1024 x 1024 self-attention
-# logits) 208 -> 182 ms, cross-attention (S = 77) at any batch no slower. At batch 8
-# (2^26) blocks are 2x faster than the unblocked kernel.
-_CPU_BLOCK_MIN_LOGITS = 2**24
+# The CPU attention works through the [N, B, T, S] logits a chunk of heads at a time
+# (every chunk holds the whole batch, which may be split over devices), so that a
+# chunk's logits stay in cache. Forward: as many heads as fit in this many logits
+# (2^22 fp32 = 16 MiB; 2 heads of a batch of 2 at T = S = 1024), at least one...
+_CPU_HEAD_CHUNK_LOGITS = 2**22
+# ...and a head of more than this many logits in blocks of queries (queries blocks
+# of a head were slower than the whole head up to here: batch 8 at T = S = 1024).
+_CPU_QUERY_BLOCK_LOGITS = 2**24
+# Backward: one head at a time, its keys in blocks of [B, c, T] logits of at most
+# this many (512 keys for a batch of 4 at T = 1024).
+_CPU_BWD_BLOCK_LOGITS = 2**21
+# Key blocks narrower than this are not worth a loop step: all keys in one block.
+_CPU_BWD_MIN_KEYS = 32
 
 
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Attention laid out for XLA:CPU: heads folded into the batch, queries in blocks.
+    """Attention laid out for XLA:CPU: heads first, worked a few heads at a time.
 
     ``jax.nn.dot_product_attention``'s einsums keep the heads between the token and
     channel axes ("BTNH,BSNH->BNTS"), which XLA:CPU runs as strided batch matmuls
     and cannot fuse with the softmax; [B*N, T, H] operands fuse into one kernel.
-    The scale goes on q ([T, H]) rather than on the logits ([T, S]). Long query
-    sequences with more than ``_CPU_BLOCK_MIN_LOGITS`` logits in all are processed in
-    blocks of ``_CPU_QUERY_BLOCK`` queries with ``lax.map`` so each block's logits
-    stay in cache, and the backward pass recomputes them from
-    the saved log-sum-exp (:func:`_softmax_attention`) instead of storing [T, S].
+    The scale goes on q ([T, H]) rather than on the logits ([T, S]). The heads are
+    processed a few at a time (``lax.map``) so each chunk's logits stay in cache;
+    the backward pass (:func:`_softmax_attention`) recomputes the logits from the
+    saved log-sum-exp, one head and one block of keys at a time, instead of
+    storing [T, S]. The chunks never split the batch axis, which the caller may
+    have split over devices.
 
     Args: q [B, T, N, H], k and v [B, S, N, H]. Returns [B, T, N, H].
     """
-    b, t, n, h = q.shape
-    s = k.shape[1]
     q = q * jnp.asarray(scale, q.dtype)
-
-    def heads_first(a: jax.Array, length: int) -> jax.Array:  # [B, L, N, H] -> [B*N, L, H]
-        return a.transpose(0, 2, 1, 3).reshape(b * n, length, h)
-
-    qg, kg, vg = heads_first(q, t), heads_first(k, s), heads_first(v, s)
-    c = _CPU_QUERY_BLOCK
-    if t > c and t % c == 0 and b * n * t * s > _CPU_BLOCK_MIN_LOGITS:
-        blocks = qg.reshape(b * n, t // c, c, h).swapaxes(0, 1)  # [T/c, B*N, c, H]
-        out = jax.lax.map(lambda qb: _softmax_attention(qb, kg, vg), blocks)
-        out = out.swapaxes(0, 1).reshape(b * n, t, h)
-    else:
-        out = _softmax_attention(qg, kg, vg)
-    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+    out = _softmax_attention(*(a.transpose(2, 0, 1, 3) for a in (q, k, v)))  # [N, B, L, H]
+    return out.transpose(1, 2, 0, 3)
 
 
-def _logits(q: jax.Array, k: jax.Array) -> jax.Array:
-    return jnp.einsum("gth,gsh->gts", q, k, preferred_element_type=jnp.float32)
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (1 at least)."""
+    for d in range(min(n, limit), 1, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _forward_chunks(n: int, b: int, t: int, s: int) -> tuple[int, int]:
+    """(heads, queries) per forward chunk of [N, B, T, S] logits (see the constants)."""
+    head = b * t * s
+    if head <= _CPU_QUERY_BLOCK_LOGITS:
+        return _divisor_at_most(n, max(_CPU_HEAD_CHUNK_LOGITS // head, 1)), t
+    return 1, _divisor_at_most(t, max(_CPU_QUERY_BLOCK_LOGITS // (b * s), 1))
+
+
+def _key_block(b: int, t: int, s: int) -> int:
+    """Keys per backward block: the largest divisor c of S whose [B, c, T] logits fit
+    ``_CPU_BWD_BLOCK_LOGITS``; all S keys when no divisor of at least
+    ``_CPU_BWD_MIN_KEYS`` fits."""
+    c = _divisor_at_most(s, max(_CPU_BWD_BLOCK_LOGITS // (b * t), 1))
+    return c if c >= min(_CPU_BWD_MIN_KEYS, s) else s
+
+
+def _map_heads(fn, arrays: tuple, size: int):
+    """``fn(*chunks)`` over chunks of ``size`` heads (axis 0 of [N, B, ...] arrays,
+    ``lax.map``; each chunk [size, B, ...]), re-joined; one call when ``size`` is N."""
+    n = arrays[0].shape[0]
+    if size == n:
+        return fn(*arrays)
+    out = jax.lax.map(
+        lambda xs: fn(*xs), tuple(a.reshape(n // size, size, *a.shape[1:]) for a in arrays)
+    )
+    return jax.tree.map(lambda o: o.reshape(n, *o.shape[2:]), out)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _chunked_forward(q: jax.Array, k: jax.Array, v: jax.Array, block):
+    """``block(q, k, v)`` on [n, B, L, H] chunks (see :func:`_forward_chunks`); outputs
+    re-joined as [N, B, T, ...]."""
+    n, b, t, h = q.shape
+    heads, queries = _forward_chunks(n, b, t, k.shape[2])
+
+    def head_chunk(qc, kc, vc):  # [heads, B, L, H]
+        if queries == t:
+            return block(qc, kc, vc)
+        # [heads, B, T, H] -> [T/queries, heads, B, queries, H]: map over query blocks
+        qb = jnp.moveaxis(qc.reshape(heads, b, t // queries, queries, h), 2, 0)
+        out = jax.lax.map(lambda x: block(x, kc, vc), qb)
+        return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 2).reshape(heads, b, t, *o.shape[4:]), out)
+
+    return _map_heads(head_chunk, (q, k, v), heads)
 
 
 @jax.custom_vjp
 def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """``softmax(q k^T) v`` over [G, T, H] x [G, S, H] (q already scaled); fp32 softmax."""
-    p = jax.nn.softmax(_logits(q, k), axis=-1)
-    return jnp.einsum("gts,gsh->gth", p.astype(v.dtype), v).astype(q.dtype)
+    """``softmax(q k^T) v`` over [N, B, T, H] x [N, B, S, H] (q already scaled); fp32
+    softmax."""
+
+    def block(qb, kb, vb):
+        p = jax.nn.softmax(_einsum("nbth,nbsh->nbts", qb, kb), axis=-1)
+        return jnp.einsum("nbts,nbsh->nbth", p.astype(vb.dtype), vb).astype(qb.dtype)
+
+    return _chunked_forward(q, k, v, block)
 
 
 def _softmax_attention_fwd(q, k, v):
-    w = _logits(q, k)
-    m = jnp.max(w, axis=-1, keepdims=True)
-    e = jnp.exp(w - m)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("gts,gsh->gth", (e / total).astype(v.dtype), v).astype(q.dtype)
-    return out, (q, k, v, out, m + jnp.log(total))
+    def block(qb, kb, vb):
+        w = _einsum("nbth,nbsh->nbts", qb, kb)
+        m = jnp.max(w, axis=-1, keepdims=True)
+        e = jnp.exp(w - m)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        out = jnp.einsum("nbts,nbsh->nbth", (e / total).astype(vb.dtype), vb).astype(qb.dtype)
+        return out, (m + jnp.log(total))[..., 0]
+
+    out, lse = _chunked_forward(q, k, v, block)
+    return out, (q, k, v, out, lse)
 
 
 def _softmax_attention_bwd(res, d_out):
-    # The softmax backward of flash attention (Dao et al. 2022, Alg. 4): recompute
-    # P = exp(S - lse); dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O));
-    # dQ = dS K; dK = dS^T Q.
+    # The softmax backward of flash attention (Dao et al. 2022, Alg. 4), from the saved
+    # log-sum-exp: P = exp(S - lse); dV = P^T dO; dP = dO V^T; dS = P * (dP - delta)
+    # with delta = rowsum(dO * O); dQ = dS K; dK = dS^T Q.
+    # One head at a time, its keys in blocks, every array keys-first ([c, T]: P^T,
+    # dP^T, dS^T), so dV = P^T dO and dK = dS^T Q contract the minor axis, and dQ is
+    # accumulated transposed, dQ^T += K_j^T dS^T_j, a plain matmul too. Query-major
+    # blocks instead make dV and dK contract the major axis of P and dS, which XLA:CPU
+    # runs as a slow loop unless both are transposed first (as this code did before).
     q, k, v, out, lse = res
     f32 = jnp.float32
-    p = jnp.exp(_logits(q, k) - lse)
-    dp = jnp.einsum("gth,gsh->gts", d_out, v, preferred_element_type=f32)
-    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    ds = p * (dp - delta)
-    dq = jnp.einsum("gts,gsh->gth", ds, k, preferred_element_type=f32)
-    # dV and dK contract over the queries, the major axis of P and dS. Left alone, XLA
-    # folds a transpose into the dot's dimension numbers, and XLA:CPU runs a dot that
-    # contracts a non-minor axis of a [32, 64, 1024] block as a slow loop (~7 ms); the
-    # barrier keeps explicit transposed copies (~1 ms each), after which the dot is a
-    # plain matmul (~1.3 ms).
-    # Measured in the benchmark's train step (benchmarks/NOTES.md): 2.30 -> 1.71 s.
-    p_t, ds_t = jax.lax.optimization_barrier((jnp.swapaxes(p, 1, 2), jnp.swapaxes(ds, 1, 2)))
-    dv = jnp.einsum("gst,gth->gsh", p_t.astype(d_out.dtype), d_out, preferred_element_type=f32)
-    dk = jnp.einsum("gst,gth->gsh", ds_t, q, preferred_element_type=f32)
+    n, b, t, h = q.shape
+    s = k.shape[2]
+    c = _key_block(b, t, s)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [N, B, T]
+
+    def one_head(qh, kh, vh, doh, lse_h, delta_h):  # [1, B, T, H], [1, B, S, H], ...
+        qh, kh, vh, doh = (a[0] for a in (qh, kh, vh, doh))  # [B, L, H]
+        lse_row, delta_row = lse_h[0][:, None, :], delta_h[0][:, None, :]
+
+        def key_block(dq_t, kv):
+            kj, vj = kv  # [B, c, H]
+            p_t = jnp.exp(_einsum("gch,gth->gct", kj, qh) - lse_row)
+            dv = _einsum("gct,gth->gch", p_t.astype(doh.dtype), doh)
+            ds_t = p_t * (_einsum("gch,gth->gct", vj, doh) - delta_row)
+            dk = _einsum("gct,gth->gch", ds_t.astype(qh.dtype), qh)
+            dq_t = dq_t + _einsum("ghc,gct->ght", jnp.swapaxes(kj, 1, 2), ds_t.astype(kh.dtype))
+            return dq_t, (dk, dv)
+
+        def by_blocks(a):  # [B, S, H] -> [S/c, B, c, H]
+            return jnp.swapaxes(a.reshape(b, s // c, c, h), 0, 1)
+
+        def joined(a):  # [S/c, B, c, H] -> [1, B, S, H]
+            return jnp.swapaxes(a, 0, 1).reshape(1, b, s, h)
+
+        blocks = (by_blocks(kh), by_blocks(vh))
+        dq_t, (dk, dv) = jax.lax.scan(key_block, jnp.zeros((b, h, t), f32), blocks)
+        return jnp.swapaxes(dq_t, 1, 2)[None], joined(dk), joined(dv)
+
+    dq, dk, dv = _map_heads(one_head, (q, k, v, d_out, lse, delta), 1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
