@@ -442,13 +442,15 @@ def test_cpu_attention_chunk_rules():
     backward key blocks: the largest divisor of S within the budget, else all keys."""
     from jaxdiff.models.attention import _forward_chunks, _key_block
 
-    assert _forward_chunks(8, 2, 1024, 1024) == (2, 1024)  # 2 heads x batch 2 = 2^22
-    assert _forward_chunks(8, 1, 1024, 1024) == (4, 1024)
-    assert _forward_chunks(6, 1, 1024, 1024) == (3, 1024)  # largest divisor of N <= 4
-    assert _forward_chunks(8, 4, 1024, 1024) == (1, 1024)
+    assert _forward_chunks(8, 2, 1024, 1024) == (8, 1024)  # 2^24 in all: one kernel
+    assert _forward_chunks(8, 4, 1024, 1024) == (1, 1024)  # a head of batch 4 = 2^22
+    assert _forward_chunks(8, 3, 1024, 1024) == (1, 1024)
+    assert _forward_chunks(16, 1, 2048, 1024) == (2, 2048)  # 2 heads = 2^22
+    assert _forward_chunks(12, 1, 2048, 1024) == (2, 2048)  # largest divisor of N <= 2
     assert _forward_chunks(8, 8, 1024, 1024) == (1, 1024)  # one head at least
-    assert _forward_chunks(8, 2, 1024, 77) == (8, 1024)  # cross-attention: all at once
-    assert _forward_chunks(8, 1, 4096, 4096) == (1, 4096)  # 2^24: still whole
+    assert _forward_chunks(8, 8, 1024, 77) == (8, 1024)  # cross-attention: all at once
+    assert _forward_chunks(32, 8, 1024, 77) == (4, 1024)  # 4 heads of 2^19.3 each
+    assert _forward_chunks(8, 1, 4096, 4096) == (1, 4096)  # a head of 2^24: still whole
     assert _forward_chunks(8, 2, 4096, 4096) == (1, 2048)  # 2^25: query blocks
     assert _key_block(2, 1024, 1024) == 1024  # [2, 1024, 1024] = 2^21: one block
     assert _key_block(4, 1024, 1024) == 512
@@ -473,6 +475,9 @@ def test_attention_values_and_gradients_match_torch(monkeypatch, chunking, b, t,
     heads, queries = {"none": (big, big), "heads": (b * t * s, big), "queries": (big, b * s * 32)}[
         chunking
     ]
+    monkeypatch.setattr(
+        attention_module, "_CPU_UNCHUNKED_LOGITS", 2**40 if chunking == "none" else 0
+    )
     monkeypatch.setattr(attention_module, "_CPU_HEAD_CHUNK_LOGITS", heads)
     monkeypatch.setattr(attention_module, "_CPU_QUERY_BLOCK_LOGITS", queries)
     if chunking != "none":

@@ -118,10 +118,15 @@ def _use_cudnn(q: jax.Array) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= 128
 
 
-# The CPU attention works through the [N, B, T, S] logits a chunk of heads at a time
-# (every chunk holds the whole batch, which may be split over devices), so that a
-# chunk's logits stay in cache. Forward: as many heads as fit in this many logits
-# (2^22 fp32 = 16 MiB; 2 heads of a batch of 2 at T = S = 1024), at least one...
+# Up to this many logits in all (N*B*T*S; 2^24 fp32 = 64 MiB) the forward is one
+# fused kernel: the benchmark UNet at batch 2 (16 x 1024 x 1024 self-attention
+# logits) 208 -> 182 ms against query blocks, and with the batch split over two
+# host devices 146 ms against 182 ms in head chunks (loops of 4 small kernels).
+_CPU_UNCHUNKED_LOGITS = 2**24
+# Above that the CPU attention works through the [B, N, T, S] logits a chunk of
+# heads at a time (every chunk holds the whole batch, which may be split over
+# devices), so that a chunk's logits stay in cache: as many heads as fit in this many
+# logits (2^22 fp32 = 16 MiB; 1 head of a batch of 4 at T = S = 1024), one at least...
 _CPU_HEAD_CHUNK_LOGITS = 2**22
 # ...and a head of more than this many logits in blocks of queries (queries blocks
 # of a head were slower than the whole head up to here: batch 8 at T = S = 1024).
@@ -149,8 +154,8 @@ def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> ja
     Args: q [B, T, N, H], k and v [B, S, N, H]. Returns [B, T, N, H].
     """
     q = q * jnp.asarray(scale, q.dtype)
-    out = _softmax_attention(*(a.transpose(2, 0, 1, 3) for a in (q, k, v)))  # [N, B, L, H]
-    return out.transpose(1, 2, 0, 3)
+    out = _softmax_attention(*(a.transpose(0, 2, 1, 3) for a in (q, k, v)))  # [B, N, L, H]
+    return out.transpose(0, 2, 1, 3)
 
 
 def _divisor_at_most(n: int, limit: int) -> int:
@@ -162,8 +167,10 @@ def _divisor_at_most(n: int, limit: int) -> int:
 
 
 def _forward_chunks(n: int, b: int, t: int, s: int) -> tuple[int, int]:
-    """(heads, queries) per forward chunk of [N, B, T, S] logits (see the constants)."""
+    """(heads, queries) per forward chunk of [B, N, T, S] logits (see the constants)."""
     head = b * t * s
+    if n * head <= _CPU_UNCHUNKED_LOGITS:
+        return n, t
     if head <= _CPU_QUERY_BLOCK_LOGITS:
         return _divisor_at_most(n, max(_CPU_HEAD_CHUNK_LOGITS // head, 1)), t
     return 1, _divisor_at_most(t, max(_CPU_QUERY_BLOCK_LOGITS // (b * s), 1))
@@ -178,15 +185,16 @@ def _key_block(b: int, t: int, s: int) -> int:
 
 
 def _map_heads(fn, arrays: tuple, size: int):
-    """``fn(*chunks)`` over chunks of ``size`` heads (axis 0 of [N, B, ...] arrays,
-    ``lax.map``; each chunk [size, B, ...]), re-joined; one call when ``size`` is N."""
-    n = arrays[0].shape[0]
+    """``fn(*chunks)`` over chunks of ``size`` heads (axis 1 of [B, N, ...] arrays,
+    ``lax.map``; each chunk [B, size, ...]), re-joined; one call when ``size`` is N.
+    The loop runs over heads, never over the batch axis: a loop over an axis split
+    over devices makes XLA gather it first."""
+    b, n = arrays[0].shape[:2]
     if size == n:
         return fn(*arrays)
-    out = jax.lax.map(
-        lambda xs: fn(*xs), tuple(a.reshape(n // size, size, *a.shape[1:]) for a in arrays)
-    )
-    return jax.tree.map(lambda o: o.reshape(n, *o.shape[2:]), out)
+    split = tuple(jnp.moveaxis(a.reshape(b, n // size, size, *a.shape[2:]), 1, 0) for a in arrays)
+    out = jax.lax.map(lambda xs: fn(*xs), split)
+    return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape(b, n, *o.shape[3:]), out)
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -194,41 +202,45 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _chunked_forward(q: jax.Array, k: jax.Array, v: jax.Array, block):
-    """``block(q, k, v)`` on [n, B, L, H] chunks (see :func:`_forward_chunks`); outputs
-    re-joined as [N, B, T, ...]."""
-    n, b, t, h = q.shape
+    """``block(q, k, v)`` on [G, L, H] operands (G = B x heads, batch major: a split
+    batch stays split) over the chunks :func:`_forward_chunks` picks; outputs
+    re-joined as [B, N, T, ...]."""
+    b, n, t, h = q.shape
     heads, queries = _forward_chunks(n, b, t, k.shape[2])
 
-    def head_chunk(qc, kc, vc):  # [heads, B, L, H]
+    def head_chunk(qc, kc, vc):  # [B, heads, L, H]
+        g = b * heads
+        qf, kf, vf = (a.reshape(g, *a.shape[2:]) for a in (qc, kc, vc))
         if queries == t:
-            return block(qc, kc, vc)
-        # [heads, B, T, H] -> [T/queries, heads, B, queries, H]: map over query blocks
-        qb = jnp.moveaxis(qc.reshape(heads, b, t // queries, queries, h), 2, 0)
-        out = jax.lax.map(lambda x: block(x, kc, vc), qb)
-        return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 2).reshape(heads, b, t, *o.shape[4:]), out)
+            out = block(qf, kf, vf)
+        else:  # [G, T, H] -> [T/queries, G, queries, H]: map over query blocks
+            qb = jnp.swapaxes(qf.reshape(g, t // queries, queries, h), 0, 1)
+            out = jax.lax.map(lambda x: block(x, kf, vf), qb)
+            out = jax.tree.map(lambda o: jnp.swapaxes(o, 0, 1).reshape(g, t, *o.shape[3:]), out)
+        return jax.tree.map(lambda o: o.reshape(b, heads, *o.shape[1:]), out)
 
     return _map_heads(head_chunk, (q, k, v), heads)
 
 
 @jax.custom_vjp
 def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """``softmax(q k^T) v`` over [N, B, T, H] x [N, B, S, H] (q already scaled); fp32
+    """``softmax(q k^T) v`` over [B, N, T, H] x [B, N, S, H] (q already scaled); fp32
     softmax."""
 
     def block(qb, kb, vb):
-        p = jax.nn.softmax(_einsum("nbth,nbsh->nbts", qb, kb), axis=-1)
-        return jnp.einsum("nbts,nbsh->nbth", p.astype(vb.dtype), vb).astype(qb.dtype)
+        p = jax.nn.softmax(_einsum("gth,gsh->gts", qb, kb), axis=-1)
+        return jnp.einsum("gts,gsh->gth", p.astype(vb.dtype), vb).astype(qb.dtype)
 
     return _chunked_forward(q, k, v, block)
 
 
 def _softmax_attention_fwd(q, k, v):
     def block(qb, kb, vb):
-        w = _einsum("nbth,nbsh->nbts", qb, kb)
+        w = _einsum("gth,gsh->gts", qb, kb)
         m = jnp.max(w, axis=-1, keepdims=True)
         e = jnp.exp(w - m)
         total = jnp.sum(e, axis=-1, keepdims=True)
-        out = jnp.einsum("nbts,nbsh->nbth", (e / total).astype(vb.dtype), vb).astype(qb.dtype)
+        out = jnp.einsum("gts,gsh->gth", (e / total).astype(vb.dtype), vb).astype(qb.dtype)
         return out, (m + jnp.log(total))[..., 0]
 
     out, lse = _chunked_forward(q, k, v, block)
@@ -246,14 +258,14 @@ def _softmax_attention_bwd(res, d_out):
     # runs as a slow loop unless both are transposed first (as this code did before).
     q, k, v, out, lse = res
     f32 = jnp.float32
-    n, b, t, h = q.shape
+    b, n, t, h = q.shape
     s = k.shape[2]
     c = _key_block(b, t, s)
-    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [N, B, T]
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [B, N, T]
 
-    def one_head(qh, kh, vh, doh, lse_h, delta_h):  # [1, B, T, H], [1, B, S, H], ...
-        qh, kh, vh, doh = (a[0] for a in (qh, kh, vh, doh))  # [B, L, H]
-        lse_row, delta_row = lse_h[0][:, None, :], delta_h[0][:, None, :]
+    def one_head(qh, kh, vh, doh, lse_h, delta_h):  # [B, 1, T, H], [B, 1, S, H], ...
+        qh, kh, vh, doh = (a[:, 0] for a in (qh, kh, vh, doh))  # [B, L, H]
+        lse_row, delta_row = lse_h[:, 0, None, :], delta_h[:, 0, None, :]
 
         def key_block(dq_t, kv):
             kj, vj = kv  # [B, c, H]
@@ -267,12 +279,12 @@ def _softmax_attention_bwd(res, d_out):
         def by_blocks(a):  # [B, S, H] -> [S/c, B, c, H]
             return jnp.swapaxes(a.reshape(b, s // c, c, h), 0, 1)
 
-        def joined(a):  # [S/c, B, c, H] -> [1, B, S, H]
-            return jnp.swapaxes(a, 0, 1).reshape(1, b, s, h)
+        def joined(a):  # [S/c, B, c, H] -> [B, 1, S, H]
+            return jnp.swapaxes(a, 0, 1).reshape(b, 1, s, h)
 
         blocks = (by_blocks(kh), by_blocks(vh))
         dq_t, (dk, dv) = jax.lax.scan(key_block, jnp.zeros((b, h, t), f32), blocks)
-        return jnp.swapaxes(dq_t, 1, 2)[None], joined(dk), joined(dv)
+        return jnp.swapaxes(dq_t, 1, 2)[:, None], joined(dk), joined(dv)
 
     dq, dk, dv = _map_heads(one_head, (q, k, v, d_out, lse, delta), 1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
