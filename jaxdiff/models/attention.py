@@ -118,10 +118,11 @@ def _use_cudnn(q: jax.Array) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= 128
 
 
-# Up to this many logits in all (N*B*T*S; 2^24 fp32 = 64 MiB) the forward is one
+# Up to this many logits in all (B*N*T*S; 2^24 fp32 = 64 MiB) the forward is one
 # fused kernel: the benchmark UNet at batch 2 (16 x 1024 x 1024 self-attention
-# logits) 208 -> 182 ms against query blocks, and with the batch split over two
-# host devices 146 ms against 182 ms in head chunks (loops of 4 small kernels).
+# logits) 208 -> 182 ms against query blocks (session 2); in head chunks it was no
+# faster on one device (174 vs 178 ms) and slower with the batch split over two
+# host devices (182 vs 146 ms, in a version with the heads first).
 _CPU_UNCHUNKED_LOGITS = 2**24
 # Above that the CPU attention works through the [B, N, T, S] logits a chunk of
 # heads at a time (every chunk holds the whole batch, which may be split over
