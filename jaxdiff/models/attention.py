@@ -120,17 +120,17 @@ def _use_cudnn(q: jax.Array) -> bool:
 
 # Up to this many logits in all (B*N*T*S; 2^24 fp32 = 64 MiB) the forward is one
 # fused kernel: the benchmark UNet at batch 2 (16 x 1024 x 1024 self-attention
-# logits) 208 -> 182 ms against query blocks (session 2); in head chunks it was no
-# faster on one device (174 vs 178 ms) and slower with the batch split over two
-# host devices (182 vs 146 ms, in a version with the heads first).
+# logits) 208 -> 182 ms against query blocks (session 2); head chunks gave about
+# the same on one device (174 vs 178 ms) and were slower with the batch split over
+# two host devices (182 vs 146 ms, in a version with the heads first).
 _CPU_UNCHUNKED_LOGITS = 2**24
 # Above that the CPU attention works through the [B, N, T, S] logits a chunk of
 # heads at a time (every chunk holds the whole batch, which may be split over
 # devices), so that a chunk's logits stay in cache: as many heads as fit in this many
 # logits (2^22 fp32 = 16 MiB; 1 head of a batch of 4 at T = S = 1024), one at least...
 _CPU_HEAD_CHUNK_LOGITS = 2**22
-# ...and a head of more than this many logits in blocks of queries (queries blocks
-# of a head were slower than the whole head up to here: batch 8 at T = S = 1024).
+# ...and a head of more than this many logits in blocks of queries (for a head of
+# batch 8 at T = S = 1024, 2^23, blocks of 256-512 queries were no faster).
 _CPU_QUERY_BLOCK_LOGITS = 2**24
 # Backward: one head at a time, its keys in blocks of [B, c, T] logits of at most
 # this many (512 keys for a batch of 4 at T = 1024).
@@ -140,7 +140,7 @@ _CPU_BWD_MIN_KEYS = 32
 
 
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Attention laid out for XLA:CPU: heads first, worked a few heads at a time.
+    """Attention laid out for XLA:CPU: heads folded into the batch, a few at a time.
 
     ``jax.nn.dot_product_attention``'s einsums keep the heads between the token and
     channel axes ("BTNH,BSNH->BNTS"), which XLA:CPU runs as strided batch matmuls
