@@ -118,3 +118,15 @@ def test_cpu_devices_flag(model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 images, 16x16, on 2 devices" in proc.stdout
     assert out.exists()
+
+
+def test_cpu_devices_hint():
+    """The tip after a one-device CPU run: only when more cores could help."""
+    from jaxdiff.cli_sample import cpu_devices_hint
+
+    tip = cpu_devices_hint("cpu", 1, 2, 1)
+    assert tip is not None and "--cpu-devices 2" in tip
+    assert "--cpu-devices 4" in cpu_devices_hint("cpu", 1, 16, 2)  # 2 images: 4 samples
+    assert cpu_devices_hint("cpu", 2, 2, 1) is None  # already a device per core
+    assert cpu_devices_hint("cpu", 1, 1, 4) is None  # one core
+    assert cpu_devices_hint("gpu", 1, 16, 4) is None
