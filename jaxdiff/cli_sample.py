@@ -69,7 +69,8 @@ def run(args: argparse.Namespace, extra=()) -> int:
         save_png(im, out.with_name(f"{out.stem}_{i:03d}.png"))
     n_dev = pipe.mesh.devices.size
     print(
-        f"wrote {out} ({len(images)} images, {images.shape[1]}x{images.shape[2]}, "
+        f"wrote {out} ({len(images)} image{'s' if len(images) > 1 else ''}, "
+        f"{images.shape[1]}x{images.shape[2]}, "
         f"on {n_dev} device{'s' if n_dev > 1 else ''})"
     )
     hint = cpu_devices_hint(pipe.mesh.devices.flat[0].platform, n_dev, _cores(), len(images))

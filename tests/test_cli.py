@@ -116,7 +116,7 @@ def test_cpu_devices_flag(model, tmp_path):
         [sys.executable, "-m", "jaxdiff.cli", *argv], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "1 images, 16x16, on 2 devices" in proc.stdout
+    assert "1 image, 16x16, on 2 devices" in proc.stdout
     assert out.exists()
 
 
