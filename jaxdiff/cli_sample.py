@@ -87,7 +87,7 @@ def _cores() -> int:
 
 
 def cpu_devices_hint(platform: str, devices: int, cores: int, images: int) -> str | None:
-    """The tip printed after a CPU run on one device when more cores were free.
+    """The tip printed after a CPU run on one device when more cores are available.
 
     XLA:CPU runs many of the UNet's kernels on one thread; one host device per core
     (``jaxdiff --cpu-devices N``) gave 12-21 % on the 2-core benchmark machine
@@ -97,7 +97,7 @@ def cpu_devices_hint(platform: str, devices: int, cores: int, images: int) -> st
     if platform != "cpu" or devices != 1 or useful < 2:
         return None
     return (
-        f"tip: this ran on one CPU device with {cores} cores free; "
+        f"tip: this ran on one CPU device with {cores} cores available; "
         f"`jaxdiff --cpu-devices {useful} sample ...` runs one XLA device per core, "
         "which was 12-21 % faster on a 2-core machine (README, Speed)"
     )
