@@ -437,6 +437,41 @@ def test_conv_general_dilated_matches_lax(shape, size, strides, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
 
 
+def test_eigen_form_of_3x3_convs(monkeypatch):
+    """The rule's shapes, its wiring (one CPU device only), values and both gradients."""
+    import jaxdiff.models.layers as layers
+
+    faster = layers._eigen_conv_is_faster
+    assert faster((2, 32, 32, 64), 64) and faster((8, 32, 32, 192), 64)
+    assert faster((1, 256, 256, 32), 32)
+    assert not faster((2, 32, 32, 128), 128)  # 128 outputs: Eigen measured slower
+    assert not faster((1, 128, 128, 64), 64)  # large maps: slower
+    assert not faster((2, 32, 32, 4), 64) and not faster((2, 32, 32, 64), 4)
+
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (2, 6, 5, 64))
+    kernel = jax.random.normal(kk, (3, 3, 64, 64)) * 0.05
+    weight = jax.random.normal(kg, (2, 6, 5, 64))
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(weight * conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+
+    # The test process has 8 CPU devices: the plain convolution.
+    assert "custom_vjp" not in str(jax.make_jaxpr(loss(conv_general_dilated))(x, kernel))
+    monkeypatch.setattr(layers.jax, "local_device_count", lambda *a, **k: 1)
+    jaxpr = str(jax.make_jaxpr(loss(conv_general_dilated))(x, kernel))
+    assert "custom_vjp" in jaxpr and "(1, 2)" in jaxpr  # one extra output column
+    ours = jax.jit(jax.value_and_grad(loss(conv_general_dilated), argnums=(0, 1)))(x, kernel)
+    ref = jax.jit(jax.value_and_grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1)))(x, kernel)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-4)
+    y = conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    y_ref = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    assert y.shape == y_ref.shape == (2, 6, 5, 64)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_attention_chunk_rules():
     """Chunks of the CPU attention: whole heads while they fit, else query blocks;
     backward key blocks: the largest divisor of S within the budget, else all keys."""
@@ -504,6 +539,12 @@ def test_attention_values_and_gradients_match_torch(monkeypatch, chunking, b, t,
     ref.backward(torch.from_numpy(d_out.transpose(0, 2, 1, 3).copy()))
     to_bthn = lambda x: x.detach().numpy().transpose(0, 2, 1, 3)  # noqa: E731
     np.testing.assert_allclose(np.asarray(out), to_bthn(ref), atol=2e-5)
+    # The forward without a gradient (inference): the fused softmax, then the
+    # normalisation deferred to the [T, H] output (used up to 256 keys).
+    for keys in (0, 2**30):
+        monkeypatch.setattr(attention_module, "_CPU_DEFERRED_NORM_KEYS", keys)
+        primal = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, scale=scale))(q, k, v)
+        np.testing.assert_allclose(np.asarray(primal), to_bthn(ref), atol=2e-5, err_msg=str(keys))
     for name, ours, theirs in zip("qkv", grads, (tq.grad, tk.grad, tv.grad), strict=True):
         np.testing.assert_allclose(np.asarray(ours), to_bthn(theirs), atol=5e-5, err_msg=name)
 

@@ -137,6 +137,12 @@ _CPU_QUERY_BLOCK_LOGITS = 2**24
 _CPU_BWD_BLOCK_LOGITS = 2**21
 # Key blocks narrower than this are not worth a loop step: all keys in one block.
 _CPU_BWD_MIN_KEYS = 32
+# Up to this many keys the forward divides the [T, H] output by the softmax's sums
+# instead of the [T, S] probabilities: 1.2-1.7x faster for cross-attention (77 keys)
+# and 256-token self-attention (e.g. [64, 1024, 77, 8] 5.7 -> 3.3 ms, [16, 256, 256,
+# 16] 0.88 -> 0.62 ms); with 512 and more keys XLA's fused softmax kernel was faster
+# ([16, 1024, 1024, 8] 8.2 vs 56 ms).
+_CPU_DEFERRED_NORM_KEYS = 256
 
 
 def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -229,7 +235,12 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     softmax."""
 
     def block(qb, kb, vb):
-        p = jax.nn.softmax(_einsum("gth,gsh->gts", qb, kb), axis=-1)
+        w = _einsum("gth,gsh->gts", qb, kb)
+        if kb.shape[1] <= _CPU_DEFERRED_NORM_KEYS:
+            e = jnp.exp(w - jnp.max(w, axis=-1, keepdims=True))
+            out = _einsum("gts,gsh->gth", e.astype(vb.dtype), vb)
+            return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(qb.dtype)
+        p = jax.nn.softmax(w, axis=-1)
         return jnp.einsum("gts,gsh->gth", p.astype(vb.dtype), vb).astype(qb.dtype)
 
     return _chunked_forward(q, k, v, block)

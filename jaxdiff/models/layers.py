@@ -14,6 +14,7 @@ otherwise.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+_NHWC_DN = ("NHWC", "HWIO", "NHWC")
 
 __all__ = [
     "GroupNorm",
@@ -54,7 +56,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
       faster forward (up to 2.4x slower) and at most 1.5x faster in the
       gradient, so the native conv is kept.
 
-    Both apply on the CPU backend to an NHWC/HWIO conv (what ``nn.Conv`` emits)
+    And with one CPU device, fp32 3x3 convolutions of the shapes in
+    ``_eigen_conv_is_faster`` are written so that XLA picks its multi-threaded
+    Eigen kernel over a YNNPACK one that uses one core (``_conv3x3_eigen``).
+
+    These apply on the CPU backend to an NHWC/HWIO conv (what ``nn.Conv`` emits)
     without dilation or groups; everything else goes to ``lax.conv_general_dilated``.
     """
     kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
@@ -78,6 +84,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
         if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any((pt, pb, pl, pr)):
             out = jnp.dot(lhs.reshape(-1, c), rhs.reshape(c, o), precision=precision)
             return out.reshape(*lhs.shape[:3], o)
+        if (
+            (kh, kw, sh, sw, pt, pb, pl, pr) == (3, 3, 1, 1, 1, 1, 1, 1)
+            and _CPU_EIGEN_CONV
+            and lhs.dtype == rhs.dtype == jnp.float32
+            and jax.local_device_count() == 1
+            and _eigen_conv_is_faster(lhs.shape, o)
+        ):
+            return _conv3x3_eigen(lhs, rhs, precision)
         ho = (lhs.shape[1] + pt + pb - kh) // sh + 1
         wo = (lhs.shape[2] + pl + pr - kw) // sw + 1
         if min(ho, wo) < max(kh, kw):
@@ -91,6 +105,59 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
             out = jnp.dot(patches, rhs.reshape(kh * kw * c, o), precision=precision)
             return out.reshape(b, ho, wo, o)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+# XLA:CPU (jax 0.10) gives a 3x3 convolution to YNNPACK unless its output is larger
+# than its input along a spatial axis, and then to Eigen. For some shapes YNNPACK runs
+# on one core where Eigen uses all of them; there the convolution is computed with one
+# extra output column (padding 2 on the right), which XLA gives to Eigen, and the
+# column is dropped. Measured on the 2-core benchmark machine, fp32, forward
+# (benchmarks/NOTES.md, session 6): 64 output channels from 64-192 input channels on
+# maps up to 32x32 (e.g. [2, 32, 32, 192] -> 64 4.7 -> 2.9 ms, [8, 32, 32, 64] -> 64
+# 6.3 -> 3.6 ms), and 32 -> 32 channels ([1, 256, 256, 32] 12.1 -> 7.5 ms). Elsewhere
+# (128 output channels; 64 output channels on 128x128 maps; 3 or 4 channels in or out)
+# Eigen was slower. The gradient is the plain convolution's (Eigen's form of it was
+# 1.6x slower in the train step). Only with one CPU device: with one device per core
+# (``--xla_force_host_platform_device_count``) every core already runs a YNNPACK kernel
+# and the rule measured no faster (text-to-image 3.18 vs 3.22 s). False turns it off.
+_CPU_EIGEN_CONV = True
+
+
+def _eigen_conv_is_faster(lhs_shape: tuple[int, ...], out_channels: int) -> bool:
+    _, h, w, c = lhs_shape
+    if out_channels == 64:
+        return 64 <= c <= 192 and h * w <= 32 * 32
+    return c == out_channels == 32
+
+
+def _plain_conv3x3(lhs: jax.Array, rhs: jax.Array, precision: Any) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC_DN, precision=precision
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3_eigen(lhs: jax.Array, rhs: jax.Array, precision: Any) -> jax.Array:
+    """3x3 convolution, stride 1, padding 1 (NHWC/HWIO), in the form XLA:CPU gives to Eigen."""
+    wide = jax.lax.conv_general_dilated(
+        lhs, rhs, (1, 1), ((1, 1), (1, 2)), dimension_numbers=_NHWC_DN, precision=precision
+    )
+    return wide[:, :, : lhs.shape[2]]
+
+
+def _conv3x3_eigen_fwd(lhs, rhs, precision):
+    return _conv3x3_eigen(lhs, rhs, precision), (lhs, rhs)
+
+
+def _conv3x3_eigen_bwd(precision, res, g):
+    # The convolution is linear in each operand, so the plain form's VJP needs only them;
+    # its forward is dead code under jit.
+    lhs, rhs = res
+    _, vjp = jax.vjp(lambda x, k: _plain_conv3x3(x, k, precision), lhs, rhs)
+    return vjp(g)
+
+
+_conv3x3_eigen.defvjp(_conv3x3_eigen_fwd, _conv3x3_eigen_bwd)
 
 
 def _is_nhwc(dimension_numbers: Any) -> bool:
