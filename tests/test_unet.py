@@ -455,7 +455,8 @@ def test_eigen_form_of_3x3_convs(monkeypatch):
     dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
 
     def loss(conv):
-        return lambda x, k: jnp.sum(weight * conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+        pad = ((1, 1), (1, 1))
+        return lambda x, k: jnp.sum(weight * conv(x, k, (1, 1), pad, dimension_numbers=dn))
 
     # The test process has 8 CPU devices: the plain convolution.
     assert "custom_vjp" not in str(jax.make_jaxpr(loss(conv_general_dilated))(x, kernel))
