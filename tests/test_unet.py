@@ -680,20 +680,37 @@ def test_subpixel_upsample_matches_diffusers_and_reference_gradient(monkeypatch)
     assert not layers._use_subpixel(jnp.zeros((1, 16, 16, 4)))
 
 
-def test_groupnorm_one_pass_statistics_agree(monkeypatch):
-    """The one-pass variant (a benchmark switch) against the default two-pass one."""
+@pytest.mark.parametrize("offset", [3.0, 1e4])
+def test_groupnorm_one_pass_statistics_agree(monkeypatch, offset):
+    """The shifted one-pass statistics (CPU default) against the two-pass ones and a
+    float64 reference, also for groups whose |mean| >> std (where an unshifted
+    E[x^2] - mean^2 loses every digit of the variance in fp32); the gradients too."""
     import jaxdiff.models.layers as layers
 
     rng = np.random.default_rng(5)
-    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((2, 8, 8, 64)), jnp.float32)
+    x = (offset + 2.0 * rng.standard_normal((2, 8, 8, 64))).astype(np.float32)
+    weight = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
     norm = GroupNorm(16, 1e-6)
     params = norm.init(jax.random.key(0), x)
-    two = norm.apply(params, x)
-    monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", True)
-    jaxpr = str(jax.make_jaxpr(norm.apply)(params, x))
-    one = norm.apply(params, x)
-    assert "max" in jaxpr  # the clamped E[x^2] - mean^2 path was traced
-    np.testing.assert_allclose(np.asarray(one), np.asarray(two), atol=2e-5)
+    results = {}
+    for mode in (False, True):
+        monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", mode)
+        jaxpr = str(jax.make_jaxpr(norm.apply)(params, x))
+        assert ("stop_gradient" in jaxpr) == mode  # the shifted one-pass path was traced
+        fn = lambda x: norm.apply(params, x)  # noqa: E731
+        y, vjp = jax.vjp(fn, jnp.asarray(x))
+        results[mode] = (np.asarray(y), np.asarray(vjp(weight)[0]))
+    g = x.astype(np.float64).reshape(2, 8, 8, 16, 4)
+    ref = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
+        g.var(axis=(1, 2, 4), keepdims=True) + 1e-6
+    )
+    # fp32 rounds x itself by ~offset * 6e-8, i.e. 3e-4 of a std at offset 1e4.
+    atol = 2e-5 if offset < 10 else 2e-3
+    np.testing.assert_allclose(results[True][0], ref.reshape(x.shape), atol=atol)
+    np.testing.assert_allclose(results[True][0], results[False][0], atol=atol)
+    np.testing.assert_allclose(results[True][1], results[False][1], atol=atol * 10)
+    monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", "auto")
+    assert layers._one_pass_groupnorm() == (jax.default_backend() == "cpu")
 
 
 def test_dtypes_validation_and_attention_hook():

@@ -190,11 +190,18 @@ def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: 
     )
 
 
-# GroupNorm statistics in one pass over x instead of two. Off for its numerics
-# (E[x^2] - mean^2 cancels when a group's |mean| >> std), although session 1 measured
-# the CPU VAE decode 11 % faster with it (benchmarks/NOTES.md); benchmarks/gpu.py
-# measures it on GPU as the "jaxdiff+groupnorm_one_pass" contender.
-_ONE_PASS_GROUPNORM = False
+# GroupNorm statistics in one read of x instead of two, about a shift (see
+# GroupNorm). "auto": on CPU, where it measured faster (benchmarks/NOTES.md, session
+# 6: UNet b2 168 -> 164 ms, b8 613 -> 601 ms, same process); other backends keep two
+# passes until benchmarks/gpu.py's "groupnorm_one_pass" experiment (which sets True)
+# has measured it.
+_ONE_PASS_GROUPNORM: bool | str = "auto"
+
+
+def _one_pass_groupnorm() -> bool:
+    if _ONE_PASS_GROUPNORM == "auto":
+        return jax.default_backend() == "cpu"
+    return bool(_ONE_PASS_GROUPNORM)
 
 
 class GroupNorm(nn.Module):
@@ -229,12 +236,18 @@ class GroupNorm(nn.Module):
         g = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         # Reduce over every spatial axis and the channels inside a group.
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = jnp.mean(g, axis=axes, keepdims=True)
-        if _ONE_PASS_GROUPNORM:
-            # Both sums in one read of x (XLA fuses sibling reductions); loses digits
-            # when a group's |mean| >> std.
-            var = jnp.maximum(jnp.mean(jnp.square(g), axis=axes, keepdims=True) - mean**2, 0.0)
+        if x.ndim >= 3 and _one_pass_groupnorm():
+            # Both sums in one read of x (XLA fuses sibling reductions), taken about a
+            # shift: each group's mean over the first row, so that E[d^2] - E[d]^2
+            # does not cancel when a group's |mean| >> std. The variance does not
+            # depend on the shift, so it needs no gradient.
+            shift = jax.lax.stop_gradient(jnp.mean(g[:, :1], axis=axes, keepdims=True))
+            d = g - shift
+            m1 = jnp.mean(d, axis=axes, keepdims=True)
+            var = jnp.maximum(jnp.mean(jnp.square(d), axis=axes, keepdims=True) - m1**2, 0.0)
+            mean = shift + m1
         else:
+            mean = jnp.mean(g, axis=axes, keepdims=True)
             # Two-pass: E[(x - mean)^2] does not cancel catastrophically like E[x^2] - mean^2.
             var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
         y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
