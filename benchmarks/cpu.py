@@ -498,7 +498,6 @@ class Flax039Bench:
         import flax
         import jax
         import jax.numpy as jnp
-        import optax
         import transformers
         from diffusers import (
             FlaxAutoencoderKL,
@@ -516,6 +515,8 @@ class Flax039Bench:
         from transformers.modeling_flax_pytorch_utils import (
             convert_pytorch_state_dict_to_flax as transformers_pt_to_flax,
         )
+
+        from benchmarks.flax039_train import diffusers_flax_train_step
 
         self.jax = jax
         self.versions = {
@@ -565,35 +566,10 @@ class Flax039Bench:
         z = jnp.asarray(inputs["vae_decode_z"])
         fns["vae_decode"] = lambda: dec(vae_params, z)
 
-        # The train step of diffusers' examples/text_to_image/train_text_to_image_flax.py
-        # (frozen CLIP, DDPM noising, MSE on epsilon, clip + AdamW), on cached latents.
-        tx = optax.chain(
-            optax.clip_by_global_norm(1.0),
-            optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
+        # The train step of diffusers' examples/text_to_image/train_text_to_image_flax.py.
+        tx, step_fn = diffusers_flax_train_step(
+            unet, text_encoder, text_params, FlaxDDPMScheduler.from_config(SCHEDULER), LR
         )
-        noise_sched = FlaxDDPMScheduler.from_config(SCHEDULER)
-        sched_state = noise_sched.create_state()
-        n_train = noise_sched.config.num_train_timesteps
-
-        def step_fn(state, batch, rng):
-            params, opt_state, step = state
-            rng = jax.random.fold_in(rng, step)
-            k_noise, k_t = jax.random.split(rng)
-            latents = batch["latents"]
-            noise = jax.random.normal(k_noise, latents.shape)
-            t = jax.random.randint(k_t, (latents.shape[0],), 0, n_train)
-            noisy = noise_sched.add_noise(sched_state, latents, noise, t)
-            ctx = text_encoder(batch["input_ids"], params=text_params, train=False)[0]
-
-            def loss_fn(p):
-                pred = unet.apply({"params": p}, noisy, t, ctx, train=False).sample
-                return jnp.mean(jnp.square(noise - pred))
-
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, opt_state, step + 1), loss
-
         train_params = jax.tree.map(jnp.copy, unet_params)
         state_box = [(train_params, tx.init(train_params), jnp.zeros((), jnp.int32))]
         step = jax.jit(step_fn, donate_argnums=0)

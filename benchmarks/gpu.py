@@ -920,7 +920,6 @@ def _worker_flax039(cfg: dict, runner: _Runner, work: Path) -> None:
     import flax
     import jax
     import jax.numpy as jnp
-    import optax
     import transformers
     from diffusers import (
         FlaxAutoencoderKL,
@@ -932,6 +931,7 @@ def _worker_flax039(cfg: dict, runner: _Runner, work: Path) -> None:
     from flax.jax_utils import replicate
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
+    from benchmarks.flax039_train import diffusers_flax_train_step
     from jaxdiff.tokenizer import save_clip_tokenizer
 
     runner.result["info"].update(
@@ -982,31 +982,9 @@ def _worker_flax039(cfg: dict, runner: _Runner, work: Path) -> None:
 
     if runner.wants("train_step"):
         # diffusers' train_text_to_image_flax.py step with --mixed_precision bf16.
-        tx = optax.chain(
-            optax.clip_by_global_norm(1.0),
-            optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
+        tx, step_fn = diffusers_flax_train_step(
+            unet32, text_encoder, p16["text_encoder"], FlaxDDPMScheduler.from_config(SCHEDULER), LR
         )
-        noise_sched = FlaxDDPMScheduler.from_config(SCHEDULER)
-        sched_state = noise_sched.create_state()
-        text_params = p16["text_encoder"]
-
-        def step_fn(state, batch, rng):
-            params, opt_state, step = state
-            k_noise, k_t = jax.random.split(jax.random.fold_in(rng, step))
-            latents = batch["latents"]
-            noise = jax.random.normal(k_noise, latents.shape)
-            t = jax.random.randint(k_t, (latents.shape[0],), 0, 1000)
-            noisy = noise_sched.add_noise(sched_state, latents, noise, t)
-            ctx = text_encoder(batch["input_ids"], params=text_params, train=False)[0]
-
-            def loss_fn(p):
-                pred = unet32.apply({"params": p}, noisy, t, ctx, train=False).sample
-                return jnp.mean(jnp.square(noise - pred.astype(jnp.float32)))
-
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, step + 1), loss
-
         train_params = params32["unet"]
         state_box = [(train_params, tx.init(train_params), jnp.zeros((), jnp.int32))]
         step = jax.jit(step_fn, donate_argnums=0)
