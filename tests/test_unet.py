@@ -443,7 +443,7 @@ def test_eigen_form_of_3x3_convs(monkeypatch):
 
     faster = layers._eigen_conv_is_faster
     assert faster((2, 32, 32, 64), 64) and faster((8, 32, 32, 192), 64)
-    assert faster((1, 256, 256, 32), 32)
+    assert faster((1, 256, 256, 32), 32) and not faster((64, 16, 16, 32), 32)
     assert not faster((2, 32, 32, 128), 128)  # 128 outputs: Eigen measured slower
     assert not faster((1, 128, 128, 64), 64)  # large maps: slower
     assert not faster((2, 32, 32, 4), 64) and not faster((2, 32, 32, 64), 4)

@@ -114,12 +114,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
 # column is dropped. Measured on the 2-core benchmark machine, fp32, forward
 # (benchmarks/NOTES.md, session 6): 64 output channels from 64-192 input channels on
 # maps up to 32x32 (e.g. [2, 32, 32, 192] -> 64 4.7 -> 2.9 ms, [8, 32, 32, 64] -> 64
-# 6.3 -> 3.6 ms), and 32 -> 32 channels ([1, 256, 256, 32] 12.1 -> 7.5 ms). Elsewhere
-# (128 output channels; 64 output channels on 128x128 maps; 3 or 4 channels in or out)
-# Eigen was slower. The gradient is the plain convolution's (Eigen's form of it was
-# 1.6x slower in the train step). Only with one CPU device: with one device per core
-# (``--xla_force_host_platform_device_count``) every core already runs a YNNPACK kernel
-# and the rule measured no faster (text-to-image 3.18 vs 3.22 s). False turns it off.
+# 6.3 -> 3.6 ms), and 32 -> 32 channels on maps from 64x64 ([1, 256, 256, 32] 12.1 ->
+# 7.5 ms). Elsewhere (128 output channels; 64 output channels on 128x128 maps; 3 or 4
+# channels in or out; 32 -> 32 on maps up to 32x32, mixed: the digits VAE's gradient
+# step 406 -> 413 ms with them) Eigen was slower or no faster. The gradient is the
+# plain convolution's (Eigen's form of it was 1.6x slower in the train step). Only
+# with one CPU device: with one device per core (``--xla_force_host_platform_device_count``)
+# every core already runs a YNNPACK kernel and the rule measured no faster
+# (text-to-image 3.18 vs 3.22 s). False turns it off.
 _CPU_EIGEN_CONV = True
 
 
@@ -127,7 +129,7 @@ def _eigen_conv_is_faster(lhs_shape: tuple[int, ...], out_channels: int) -> bool
     _, h, w, c = lhs_shape
     if out_channels == 64:
         return 64 <= c <= 192 and h * w <= 32 * 32
-    return c == out_channels == 32
+    return c == out_channels == 32 and h * w >= 64 * 64
 
 
 def _plain_conv3x3(lhs: jax.Array, rhs: jax.Array, precision: Any) -> jax.Array:
