@@ -90,8 +90,9 @@ def cpu_devices_hint(platform: str, devices: int, cores: int, images: int) -> st
     """The tip printed after a CPU run on one device when more cores are available.
 
     XLA:CPU runs many of the UNet's kernels on one thread; one host device per core
-    (``jaxdiff --cpu-devices N``) gave 12-21 % on the 2-core benchmark machine
-    (README, "Speed"). The guidance batch (2 per image) bounds the useful count.
+    (``jaxdiff --cpu-devices N``) was faster on the 2-core benchmark machine in
+    every run (README, "Speed", has the latest numbers). The guidance batch (2 per
+    image) bounds the useful count.
     """
     useful = min(cores, 2 * images)
     if platform != "cpu" or devices != 1 or useful < 2:
@@ -99,5 +100,5 @@ def cpu_devices_hint(platform: str, devices: int, cores: int, images: int) -> st
     return (
         f"tip: this ran on one CPU device with {cores} cores available; "
         f"`jaxdiff --cpu-devices {useful} sample ...` runs one XLA device per core, "
-        "which was 12-21 % faster on a 2-core machine (README, Speed)"
+        "which was faster on a 2-core machine (README, Speed)"
     )

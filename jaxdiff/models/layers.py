@@ -84,14 +84,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
         if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any((pt, pb, pl, pr)):
             out = jnp.dot(lhs.reshape(-1, c), rhs.reshape(c, o), precision=precision)
             return out.reshape(*lhs.shape[:3], o)
-        if (
-            (kh, kw, sh, sw, pt, pb, pl, pr) == (3, 3, 1, 1, 1, 1, 1, 1)
-            and _CPU_EIGEN_CONV
-            and lhs.dtype == rhs.dtype == jnp.float32
-            and jax.local_device_count() == 1
-            and _eigen_conv_is_faster(lhs.shape, o)
-        ):
-            return _conv3x3_eigen(lhs, rhs, precision)
         ho = (lhs.shape[1] + pt + pb - kh) // sh + 1
         wo = (lhs.shape[2] + pl + pr - kw) // sw + 1
         if min(ho, wo) < max(kh, kw):
@@ -104,6 +96,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
             patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * c)
             out = jnp.dot(patches, rhs.reshape(kh * kw * c, o), precision=precision)
             return out.reshape(b, ho, wo, o)
+        if (
+            (kh, kw, sh, sw, pt, pb, pl, pr) == (3, 3, 1, 1, 1, 1, 1, 1)
+            and _CPU_EIGEN_CONV
+            and lhs.dtype == rhs.dtype == jnp.float32
+            and jax.local_device_count() == 1
+            and _eigen_conv_is_faster(lhs.shape, o)
+        ):
+            return _conv3x3_eigen(lhs, rhs, precision)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
 
@@ -166,7 +166,7 @@ def _is_nhwc(dimension_numbers: Any) -> bool:
     """Whether ``dimension_numbers`` say NHWC input, HWIO kernel, NHWC output."""
     if dimension_numbers is None:
         return False
-    nhwc = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+    nhwc = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC_DN)
     return tuple(map(tuple, dimension_numbers)) == tuple(map(tuple, nhwc))
 
 
