@@ -118,6 +118,8 @@ def classifier_free_guidance(
     uncond: Any,
     guidance_scale: jax.Array | float,
     guidance_rescale: jax.Array | float = 0.0,
+    *,
+    shared_sample: bool = False,
 ) -> ModelFn:
     """Wraps a conditional network into a guided ``model_fn(x, t)``.
 
@@ -133,6 +135,10 @@ def classifier_free_guidance(
       uncond: same structure: unconditional / negative-prompt conditioning.
       guidance_scale: w; a traced scalar is fine (changing it does not recompile).
       guidance_rescale: phi in [0, 1]; traced is fine.
+      shared_sample: pass x once, [B, ...], instead of [x; x]: for a ``net_fn``
+        that takes a sample shared by a context batch twice its size and returns
+        the [2B, ...] outputs of the tiled sample, as jaxdiff's UNet does (it then
+        runs its layers before the first cross-attention once).
 
     Returns:
       model_fn(x [B, ...], t) -> guided output [B, ...].
@@ -148,7 +154,12 @@ def classifier_free_guidance(
     context = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        out = net_fn(jnp.concatenate([x, x], axis=0), t, context)
+        out = net_fn(x if shared_sample else jnp.concatenate([x, x], axis=0), t, context)
+        if out.shape[0] != 2 * x.shape[0]:
+            raise ValueError(
+                f"classifier_free_guidance: net_fn returned a batch of {out.shape[0]} for "
+                f"{x.shape[0]} samples; expected {2 * x.shape[0]} ([uncond; cond])"
+            )
         out_uncond, out_cond = jnp.split(out, 2, axis=0)
         w = jnp.asarray(guidance_scale, out.dtype)
         guided = out_uncond + w * (out_cond - out_uncond)

@@ -166,7 +166,20 @@ def test_one_image_splits_the_guidance_pair_over_devices(sd1, monkeypatch):
     kw = dict(steps=4, sampler="ddim", seed=5, progress=False)
     single = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
     two = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:2])
+    # On one device the UNet gets the latent once with both contexts (shared sample);
+    # on several, the guidance pair [x; x] (checked against this image below).
+    unet_batches = []
+    apply_unet = pipeline_mod.apply_unet
+
+    def recording_unet(params, x, t, context, *args):
+        unet_batches.append((x.shape[0], context.shape[0]))
+        return apply_unet(params, x, t, context, *args)
+
+    monkeypatch.setattr(pipeline_mod, "apply_unet", recording_unet)
+    pipeline_mod._generate_jit.clear_cache()
     ref = single.text_to_image("a photo of a cat", **kw)
+    assert set(unet_batches) == {(1, 2)}
+    unet_batches.clear()
     # Which arrays generate() splits, seen while the 2- and 8-device calls are traced.
     split_calls = []
     original = pipeline_mod._split_over_mesh
@@ -188,6 +201,7 @@ def test_one_image_splits_the_guidance_pair_over_devices(sd1, monkeypatch):
     assert ((1, *hw, 4), 1, True) in two_dev  # the decoder's latents, by rows
     eight = {(shape[0], axis, done) for n, shape, axis, done in split_calls if n == 8}
     assert (8, 0, True) in eight  # padded to 4 images: a guidance batch of 8
+    assert set(unet_batches) == {(2, 2), (8, 8)}
 
 
 def test_batch_padding_and_split_over_mesh():

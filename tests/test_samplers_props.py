@@ -117,6 +117,32 @@ def test_cfg_matches_two_calls_and_diffusers_rescale():
             assert np.abs(want - np.asarray(guided)).max() > 1e-2  # rescale does something
 
 
+def test_cfg_shared_sample_passes_x_once():
+    # shared_sample: net_fn gets x once with the [uncond; cond] context and must
+    # return both halves; the guided result is the one of the [x; x] call.
+    rs = np.random.RandomState(2)
+    x = jnp.asarray(rs.randn(3, 4, 4, 2).astype(np.float32))
+    cond = jnp.asarray(rs.randn(3, 5).astype(np.float32))
+    uncond = jnp.asarray(rs.randn(3, 5).astype(np.float32))
+    t = jnp.float32(40.0)
+    seen = []
+
+    def shared_net(x, t, ctx):
+        seen.append((x.shape[0], ctx.shape[0]))
+        return cond_net(jnp.concatenate([x] * (ctx.shape[0] // x.shape[0])), t, ctx)
+
+    want = denoisers.classifier_free_guidance(cond_net, cond, uncond, 6.0, 0.5)(x, t)
+    got = denoisers.classifier_free_guidance(
+        shared_net, cond, uncond, 6.0, 0.5, shared_sample=True
+    )(x, t)
+    assert seen == [(3, 6)]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # A net that does not return both halves is an error, not a silent mis-split.
+    with pytest.raises(ValueError, match="expected 6"):
+        only_x = lambda x, t, ctx: x  # noqa: E731
+        denoisers.classifier_free_guidance(only_x, cond, uncond, 6.0, shared_sample=True)(x, t)
+
+
 def test_changing_guidance_eta_seed_does_not_retrace():
     plan = samplers.make_plan("ddim", 8, SchedulerConfig.stable_diffusion())
     traces = {"n": 0}

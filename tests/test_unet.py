@@ -165,6 +165,64 @@ def test_unet_matches_diffusers(name, torch_unets):
     }
 
 
+# A down path that starts without cross-attention (as SDXL's): the shared sample
+# then stays at its own batch through a whole level, skips included.
+_PLAIN_FIRST = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=4,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=8,
+)
+
+
+@pytest.mark.parametrize("case", ["sd1", "plain_first"])
+def test_sample_shared_by_contexts_matches_tiled_reference(case, torch_unets):
+    # encoder_hidden_states with k times the sample's batch: the output must be the
+    # reference's for the sample tiled k times ([x; x; ...], classifier-free guidance's
+    # layout), although jaxdiff runs the layers before the first cross-attention once.
+    if case == "sd1":
+        tm, b, k, (h, w, seq, _) = torch_unets["sd1"], 2, 2, INPUTS["sd1"]
+    else:
+        torch.manual_seed(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tm = diffusers.UNet2DConditionModel(**_PLAIN_FIRST).eval()
+        with torch.no_grad():
+            for p in tm.parameters():
+                p.copy_(torch.randn_like(p) * 0.2)
+        b, k, (h, w, seq) = 1, 3, (8, 8, 5)
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    params = state_dict_to_params(_numpy_state_dict(tm), unet_abstract_params(cfg))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((b, cfg.in_channels, h, w)).astype(np.float32)
+    ctx = rng.standard_normal((k * b, seq, cfg.cross_attention_dim)).astype(np.float32)
+    t = np.array([20, 640][:b], np.int64)
+    with torch.no_grad():
+        ref = tm(
+            torch.from_numpy(np.tile(x, (k, 1, 1, 1))),
+            torch.from_numpy(np.tile(t, k)),
+            torch.from_numpy(ctx),
+        ).sample.numpy()
+
+    model = UNet2DConditionModel(cfg)
+    apply = jax.jit(model.apply)
+    out = apply({"params": params}, x.transpose(0, 2, 3, 1), t, ctx)
+    out = np.asarray(out).transpose(0, 3, 1, 2)
+    assert out.shape == ref.shape == (k * b, cfg.out_channels, h, w)
+    diff = float(np.max(np.abs(out - ref)))
+    print(f"\n[{case} shared by {k}] max|diff| = {diff:.3g} (max|ref| = {np.abs(ref).max():.3g})")
+    assert diff <= TOL
+    # The k outputs differ (each context is read), and equal the tiled call's.
+    assert float(np.max(np.abs(out[:b] - out[b : 2 * b]))) > 1e-3
+    x_tiled = np.tile(x, (k, 1, 1, 1)).transpose(0, 2, 3, 1)
+    tiled = apply({"params": params}, x_tiled, np.tile(t, k), ctx)
+    np.testing.assert_allclose(out, np.asarray(tiled).transpose(0, 3, 1, 2), rtol=0, atol=1e-5)
+
+
 def test_bf16_compute_tracks_fp32_reference(torch_unets):
     # SD 2.x-like (upcast attention, linear projections) in bf16 compute with
     # fp32 params: finite, and within bf16's few-percent of the fp32 reference.
@@ -703,6 +761,7 @@ def test_groupnorm_one_pass_statistics_agree(monkeypatch, offset):
         monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", mode)
         jaxpr = str(jax.make_jaxpr(norm.apply)(params, x))
         assert ("stop_gradient" in jaxpr) == mode  # the shifted one-pass path was traced
+        assert ("optimization_barrier" in jaxpr) == mode  # ...with its sums in two steps
         fn = lambda x: norm.apply(params, x)  # noqa: E731
         y, vjp = jax.vjp(fn, jnp.asarray(x))
         results[mode] = (np.asarray(y), np.asarray(vjp(weight)[0]))
@@ -750,6 +809,7 @@ def test_dtypes_validation_and_attention_hook():
         (jnp.zeros((2, 8, 8, 5)), 3, ctx, "sample"),
         (x, 3, jnp.zeros((2, 3, 32)), "encoder_hidden_states"),
         (x, 3, jnp.zeros((1, 3, 48)), "batch"),
+        (x, 3, jnp.zeros((3, 3, 48)), "multiple"),
         (x, jnp.zeros((3,)), ctx, "timesteps"),
     ]
     model = UNet2DConditionModel(cfg)

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import Conv, GroupNorm
+from jaxdiff.models.layers import Conv, GroupNorm, tile_batch
 
 Dtype = Any
 # fn(module, q [B,T,N,H], k [B,S,N,H], v [B,S,N,H]) -> [B,T,N,H]
@@ -425,7 +425,8 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        """Args: x [B, T, C]; context [B, S, D]. Returns [B, T, C]."""
+        """Args: x [B, T, C]; context [B, S, D] (or [k B, S, D] for an x shared by k
+        contexts: self-attention runs once, the output is [k B, T, C]). Returns [B, T, C]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(
             heads=self.heads,
@@ -441,6 +442,9 @@ class BasicTransformerBlock(nn.Module):
             return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name, **kw)
 
         x = x + Attention(name="attn1", **attn)(norm("norm1")(x))
+        # A sample shared by k contexts (x's batch a k-th of the context's, see
+        # UNet2DConditionModel) is the same up to here for all of them: tile it now.
+        x = tile_batch(x, context.shape[0])
         x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context)
         return x + FeedForward(name="ff", **kw)(norm("norm3")(x))
 
@@ -476,7 +480,8 @@ class Transformer2DModel(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        """Args: x [B, H, W, C]; context [B, S, D]. Returns [B, H, W, C] in ``dtype``."""
+        """Args: x [B, H, W, C]; context [B, S, D] (or [k B, S, D], see
+        :class:`BasicTransformerBlock`). Returns [B, H, W, C] (or [k B, ...]) in ``dtype``."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         inner = self.heads * self.dim_head
@@ -498,5 +503,6 @@ class Transformer2DModel(nn.Module):
                 name=f"transformer_blocks_{i}",
                 **kw,
             )(y, context)
-        y = proj(c, "proj_out")(y.reshape(b, h, w, inner))
-        return y + residual
+        # y has the context's batch (k B for a sample shared by k contexts).
+        y = proj(c, "proj_out")(y.reshape(y.shape[0], h, w, inner))
+        return y + tile_batch(residual, y.shape[0])

@@ -97,7 +97,12 @@ def apply_unet(
     dtype: Dtype = jnp.float32,
     remat: bool = False,
 ) -> jax.Array:
-    """The network output (eps, v or x0 per the scheduler config) in float32."""
+    """The network output (eps, v or x0 per the scheduler config) in float32.
+
+    ``context``'s batch may be a multiple k of ``x``'s: the output is then that of
+    ``x`` tiled k times (see :class:`UNet2DConditionModel`), computed with the layers
+    before the first cross-attention run once.
+    """
     model = UNet2DConditionModel(config.unet, dtype=dtype, remat=remat)
     return model.apply({"params": params}, x, t, context).astype(jnp.float32)
 

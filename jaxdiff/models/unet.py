@@ -37,6 +37,7 @@ from jaxdiff.models.layers import (
     TimestepEmbedding,
     Upsample2D,
     conv3x3,
+    tile_batch,
     timestep_embedding,
 )
 
@@ -404,7 +405,7 @@ class DownBlock(_Block):
         cross = _DOWN_BLOCKS[cfg.down_block_types[i]]
         skips = []
         for j in range(cfg.layers_per_block):
-            x = self.resnet(out, f"resnets_{j}")(x, temb)
+            x = self.resnet(out, f"resnets_{j}")(x, tile_batch(temb, x.shape[0]))
             if cross:
                 x = self.transformer(out, cfg.num_heads[i], f"attentions_{j}")(x, context)
             skips.append(x)
@@ -428,9 +429,9 @@ class MidBlock(_Block):
         """Args: x [B, H, W, C]; temb [B, T]; context [B, S, D]. Returns [B, H, W, C]."""
         cfg = self.config
         c = cfg.block_out_channels[-1]
-        x = self.resnet(c, "resnets_0")(x, temb)
+        x = self.resnet(c, "resnets_0")(x, tile_batch(temb, x.shape[0]))
         x = self.transformer(c, cfg.num_heads[-1], "attentions_0")(x, context)
-        return self.resnet(c, "resnets_1")(x, temb)
+        return self.resnet(c, "resnets_1")(x, tile_batch(temb, x.shape[0]))
 
 
 class UpBlock(_Block):
@@ -464,8 +465,11 @@ class UpBlock(_Block):
         heads = cfg.num_heads[n - 1 - i]
         cross = _UP_BLOCKS[cfg.up_block_types[i]]
         for j, skip in enumerate(reversed(skips)):
-            x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-            x = self.resnet(out, f"resnets_{j}")(x, temb)
+            # Skips from before the first cross-attention may still have a shared
+            # sample's batch (see UNet2DConditionModel).
+            skip = tile_batch(skip.astype(x.dtype), x.shape[0])
+            x = jnp.concatenate([x, skip], axis=-1)
+            x = self.resnet(out, f"resnets_{j}")(x, tile_batch(temb, x.shape[0]))
             if cross:
                 x = self.transformer(out, heads, f"attentions_{j}")(x, context)
         if i < n - 1:
@@ -509,12 +513,17 @@ class UNet2DConditionModel(nn.Module):
           sample: x_t, [B, H, W, in_channels]. H and W need not be multiples of
             ``config.downsample_factor`` (the up path resizes to the skips).
           timesteps: t, a scalar or [B] (or [1]), integer or fractional.
-          encoder_hidden_states: c, [B, L, cross_attention_dim].
+          encoder_hidden_states: c, [B, L, cross_attention_dim], or [k B, L, ...]
+            for a sample shared by k contexts: the output is then the same as
+            for the tiled sample [x; x; ...] (k times, with its timesteps), i.e.
+            classifier-free guidance's [uncond; cond] batch for k = 2, but the
+            layers before the first cross-attention (``conv_in``, the first
+            resnets and self-attention) run once, at batch B.
           train: enable dropout (needs an rng named ``"dropout"`` when
             ``config.dropout > 0``).
 
         Returns:
-          [B, H, W, out_channels] in ``dtype``.
+          [B, H, W, out_channels] (the context's batch) in ``dtype``.
         """
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
@@ -529,10 +538,11 @@ class UNet2DConditionModel(nn.Module):
                 f"UNet: encoder_hidden_states must be [B, L, {cfg.cross_attention_dim}], "
                 f"got shape {encoder_hidden_states.shape}"
             )
-        if encoder_hidden_states.shape[0] != b:
+        n_ctx = encoder_hidden_states.shape[0]
+        if b == 0 or n_ctx % b:
             raise ValueError(
-                f"UNet: batch of encoder_hidden_states ({encoder_hidden_states.shape[0]}) "
-                f"differs from the sample's ({b})"
+                f"UNet: batch of encoder_hidden_states ({n_ctx}) must equal the sample's "
+                f"({b}) or be a multiple of it (a sample shared by several contexts)"
             )
         t = jnp.asarray(timesteps)
         if t.ndim == 0:
@@ -583,7 +593,8 @@ class UNet2DConditionModel(nn.Module):
             x = UpBlock(index=i, name=f"up_blocks_{i}", **blk)(x, res, temb, context, size)
 
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
-        return conv3x3(cfg.out_channels, name="conv_out", **kw)(nn.silu(x))
+        # tile_batch: a no-op unless no layer read the context (no cross-attention).
+        return tile_batch(conv3x3(cfg.out_channels, name="conv_out", **kw)(nn.silu(x)), n_ctx)
 
 
 def _init_inputs(config: UNetConfig) -> tuple[jax.Array, jax.Array, jax.Array]:

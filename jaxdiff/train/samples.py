@@ -54,7 +54,8 @@ def text_to_image(
         t = jnp.broadcast_to(t, (x.shape[0],))
         return apply_unet(params["unet"], x, t, context, config)
 
-    model_fn = classifier_free_guidance(net, cond, uncond, guidance_scale)
+    # shared_sample: the UNet's layers before its first cross-attention run once.
+    model_fn = classifier_free_guidance(net, cond, uncond, guidance_scale, shared_sample=True)
     k_init, k_steps = jax.random.split(rng)
     shape = (input_ids.shape[0], *latent_size, config.vae.latent_channels)
     x = samplers.initial_latents(plan, jax.random.normal(k_init, shape, jnp.float32))
