@@ -307,6 +307,12 @@ def test_inpaint_9ch_matches_diffusers(tmp_path):
     print(f"\n9-channel inpaint vs diffusers mean|diff| = {mad:.4f}")
     assert ours.std() > 10
     assert mad <= 1.0
+    # One device: the guidance pair shares the sample, mask and masked-image latents
+    # go in once (net_fn's 9-channel input at batch B, not 2B).
+    one = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
+    single = one.inpaint(image, mask, prompts, steps=STEPS, sampler="pndm", latents=lat,
+                         progress=False)  # fmt: skip
+    assert _mad(single, theirs) <= 1.0 and np.abs(single.astype(int) - ours).max() <= 1
 
 
 def test_bfloat16_runs_and_stays_close(sd1):
