@@ -101,11 +101,12 @@ INPUTS = {
 }
 
 
-def _torch_unet(name: str, seed: int = 0):
+def _torch_unet(name: str | dict, seed: int = 0):
+    """diffusers' UNet for ``CONFIGS[name]`` (or a config dict), every tensor random."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = diffusers.UNet2DConditionModel(**CONFIGS[name])
+        model = diffusers.UNet2DConditionModel(**(CONFIGS[name] if isinstance(name, str) else name))
     model.eval()
     # Default init zeroes some output convs; randomise every tensor so that a
     # wrongly routed weight cannot hide behind a zero.
@@ -187,14 +188,7 @@ def test_sample_shared_by_contexts_matches_tiled_reference(case, torch_unets):
     if case == "sd1":
         tm, b, k, (h, w, seq, _) = torch_unets["sd1"], 2, 2, INPUTS["sd1"]
     else:
-        torch.manual_seed(3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tm = diffusers.UNet2DConditionModel(**_PLAIN_FIRST).eval()
-        with torch.no_grad():
-            for p in tm.parameters():
-                p.copy_(torch.randn_like(p) * 0.2)
-        b, k, (h, w, seq) = 1, 3, (8, 8, 5)
+        tm, b, k, (h, w, seq) = _torch_unet(_PLAIN_FIRST, seed=3), 1, 3, (8, 8, 5)
     cfg = UNetConfig.from_diffusers(dict(tm.config))
     params = state_dict_to_params(_numpy_state_dict(tm), unet_abstract_params(cfg))
     rng = np.random.default_rng(7)
