@@ -312,7 +312,10 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        """Args: x [B, H, W, C_in]; temb [B, T] or None. Returns [B, H, W, C_out] in ``dtype``."""
+        """Args: x [B, H, W, C_in]; temb [B, T], [B/k, T] (tiled k times) or None.
+
+        Returns [B, H, W, C_out] in ``dtype``.
+        """
         cin = x.shape[-1]
         cout = self.out_channels or cin
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -322,7 +325,8 @@ class ResnetBlock2D(nn.Module):
         h = conv3x3(cout, name="conv1", **kw)(h)
         if temb is not None:
             t = nn.Dense(cout, name="time_emb_proj", **kw)(nn.silu(temb.astype(self.dtype)))
-            h = h + t[:, None, None, :]
+            # A shared sample's embedding meets the tiled batch (see tile_batch).
+            h = h + tile_batch(t, h.shape[0])[:, None, None, :]
         h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)

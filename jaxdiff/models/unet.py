@@ -405,7 +405,7 @@ class DownBlock(_Block):
         cross = _DOWN_BLOCKS[cfg.down_block_types[i]]
         skips = []
         for j in range(cfg.layers_per_block):
-            x = self.resnet(out, f"resnets_{j}")(x, tile_batch(temb, x.shape[0]))
+            x = self.resnet(out, f"resnets_{j}")(x, temb)
             if cross:
                 x = self.transformer(out, cfg.num_heads[i], f"attentions_{j}")(x, context)
             skips.append(x)
@@ -429,9 +429,9 @@ class MidBlock(_Block):
         """Args: x [B, H, W, C]; temb [B, T]; context [B, S, D]. Returns [B, H, W, C]."""
         cfg = self.config
         c = cfg.block_out_channels[-1]
-        x = self.resnet(c, "resnets_0")(x, tile_batch(temb, x.shape[0]))
+        x = self.resnet(c, "resnets_0")(x, temb)
         x = self.transformer(c, cfg.num_heads[-1], "attentions_0")(x, context)
-        return self.resnet(c, "resnets_1")(x, tile_batch(temb, x.shape[0]))
+        return self.resnet(c, "resnets_1")(x, temb)
 
 
 class UpBlock(_Block):
@@ -469,7 +469,7 @@ class UpBlock(_Block):
             # sample's batch (see UNet2DConditionModel).
             skip = tile_batch(skip.astype(x.dtype), x.shape[0])
             x = jnp.concatenate([x, skip], axis=-1)
-            x = self.resnet(out, f"resnets_{j}")(x, tile_batch(temb, x.shape[0]))
+            x = self.resnet(out, f"resnets_{j}")(x, temb)
             if cross:
                 x = self.transformer(out, heads, f"attentions_{j}")(x, context)
         if i < n - 1:
@@ -593,8 +593,8 @@ class UNet2DConditionModel(nn.Module):
             x = UpBlock(index=i, name=f"up_blocks_{i}", **blk)(x, res, temb, context, size)
 
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
-        # tile_batch: a no-op unless no layer read the context (no cross-attention).
-        return tile_batch(conv3x3(cfg.out_channels, name="conv_out", **kw)(nn.silu(x)), n_ctx)
+        # The mid block always reads the context: x has the context's batch by now.
+        return conv3x3(cfg.out_channels, name="conv_out", **kw)(nn.silu(x))
 
 
 def _init_inputs(config: UNetConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
