@@ -99,8 +99,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b16",),
         "default": False,
     },
+    # CUDA graphs for the convolutions and loops too: XLA's default command buffers
+    # (fusions, cuBLAS, cuDNN graphs, custom calls) leave every cuDNN convolution a
+    # separate launch, so a UNet forward is split into ~100 graphs with launches between.
+    # Predicted: most of the ~2 ms of gaps in the batch-16 forward, more of the
+    # launch-bound batch-2 forward's 10.8 ms (1.6 TFLOP: ~2.5 ms at the ceiling).
+    "command_buffers": {
+        "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
+        "items": ("unet_b2", "unet_b16"),
+    },
+    # Autotuning without its checks (XLA's default level 4 also re-initialises the
+    # buffers and compares every candidate's output with the reference): the compile
+    # time of the batch-16 UNet (30 s; the sampler's 30.0 s is a goal) and any runtime cost.
+    "autotune_1": {"xla_flags": "--xla_gpu_autotune_level=1", "items": ("unet_b16",)},
     # No autotuning: how much of the ~27 s compile is autotuning, at what runtime cost.
-    "autotune_0": {"xla_flags": "--xla_gpu_autotune_level=0", "items": ("unet_b16",)},
+    "autotune_0": {
+        "xla_flags": "--xla_gpu_autotune_level=0",
+        "items": ("unet_b16",),
+        "default": False,
+    },
 }
 VARIANT_SHARE = 1.0
 # Items in priority order per contender; names are shared so the table lines up.

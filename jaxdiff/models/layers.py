@@ -214,14 +214,21 @@ def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: 
 # passes until benchmarks/gpu.py's "groupnorm_one_pass" experiment (which sets True)
 # has measured it.
 _ONE_PASS_GROUPNORM: bool | str = "auto"
-# The one-pass statistics' sums in two steps, positions then channels (see GroupNorm).
-_GROUPNORM_SPLIT_SUMS = True
+# The one-pass statistics' sums in two steps, positions then channels (see GroupNorm);
+# "auto": on CPU, the backend whose merged reduction it works around.
+_GROUPNORM_SPLIT_SUMS: bool | str = "auto"
 
 
 def _one_pass_groupnorm() -> bool:
     if _ONE_PASS_GROUPNORM == "auto":
         return jax.default_backend() == "cpu"
     return bool(_ONE_PASS_GROUPNORM)
+
+
+def _groupnorm_split_sums() -> bool:
+    if _GROUPNORM_SPLIT_SUMS == "auto":
+        return jax.default_backend() == "cpu"
+    return bool(_GROUPNORM_SPLIT_SUMS)
 
 
 class GroupNorm(nn.Module):
@@ -269,7 +276,7 @@ class GroupNorm(nn.Module):
             # barrier keeps them apart.
             spatial = axes[:-1]
             sums = tuple(jnp.sum(a, axis=spatial, keepdims=True) for a in (d, d * d))
-            s1, s2 = jax.lax.optimization_barrier(sums) if _GROUPNORM_SPLIT_SUMS else sums
+            s1, s2 = jax.lax.optimization_barrier(sums) if _groupnorm_split_sums() else sums
             n = math.prod(g.shape[a] for a in axes)
             m1 = jnp.sum(s1, axis=-1, keepdims=True) / n
             var = jnp.maximum(jnp.sum(s2, axis=-1, keepdims=True) / n - m1**2, 0.0)
