@@ -73,6 +73,17 @@ def test_tiny_digits_run_learns_logs_and_exports(tiny_run):
     for key in ("loss", "grad_norm", "param_norm", "lr", "images_per_s", "mse"):
         assert all(np.isfinite(r[key]) for r in diffusion), key
     assert diffusion[-1]["lr"] == pytest.approx(2e-3)
+    # param_norm is read at the logging step: the final state's trainable networks
+    # (the digits config trains the UNet and the text encoder; the VAE is frozen).
+    params = jax.device_get(summary["state"].params)
+    expected = np.sqrt(
+        sum(
+            np.sum(np.square(np.asarray(a, np.float64)))
+            for name in ("unet", "text_encoder")
+            for a in jax.tree.leaves(params[name])
+        )
+    )
+    assert diffusion[-1]["param_norm"] == pytest.approx(expected, rel=1e-5)
     assert len(_digests(workdir)) == 40
     (events,) = (workdir / "tensorboard").iterdir()
     assert events.name.startswith("events.out.tfevents.") and events.stat().st_size > 0

@@ -724,18 +724,34 @@ def test_subpixel_upsample_matches_diffusers_and_reference_gradient(monkeypatch)
 
     xs = jnp.asarray(x.transpose(0, 2, 3, 1))
     k = jnp.asarray(rng.standard_normal((3, 3, 16, 8)).astype(np.float32) / 12)
+    bias = jnp.asarray(rng.standard_normal(8).astype(np.float32))
     weight = jnp.asarray(rng.standard_normal((2, 14, 18, 8)).astype(np.float32))
+    forms = (layers.upsample2x_conv3x3, lambda x, k, b: layers._upsample_conv_reference(x, k) + b)
     grads = [
-        jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(weight * f(x, k)), argnums=(0, 1)))(xs, k)
-        for f in (layers.upsample2x_conv3x3, layers._upsample_conv_reference)
+        jax.jit(jax.grad(lambda *a, f=f: jnp.sum(weight * f(*a)), argnums=(0, 1, 2)))(xs, k, bias)
+        for f in forms
     ]
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # Without a bias: the plain convolution.
+    np.testing.assert_allclose(
+        np.asarray(layers.upsample2x_conv3x3(xs, k)),
+        np.asarray(layers._upsample_conv_reference(xs, k)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
     # "auto": on CPU from 32x32 inputs (the VAE decoder's), not below (the small UNet's).
     monkeypatch.setattr(layers, "_SUBPIXEL_UPSAMPLE", "auto")
     assert layers._use_subpixel(jnp.zeros((1, 32, 32, 4)))
     assert not layers._use_subpixel(jnp.zeros((1, 16, 16, 4)))
+    # On GPU from 64x64 (the SD VAE decoder's, measured), not the SD 1.5 UNet's 32x32;
+    # never on TPU (not measured there).
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    assert layers._use_subpixel(jnp.zeros((1, 64, 64, 4)))
+    assert not layers._use_subpixel(jnp.zeros((1, 32, 32, 4)))
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "tpu")
+    assert not layers._use_subpixel(jnp.zeros((1, 256, 256, 4)))
 
 
 @pytest.mark.parametrize("offset", [3.0, 1e4])

@@ -409,18 +409,21 @@ def _resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 # with (0+1, 2). One 2x2 convolution with 4x the output channels gives all four phases:
 # 16 multiply-adds per input pixel and channel pair instead of 36.
 _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
-# "auto": the sub-pixel form on CPU for inputs of at least this many pixels, where it
-# measured faster (benchmarks/NOTES.md: [1, 64, 64, 128] 25.3 -> 13.2 ms); from 16x16
-# down it was no faster or slower, and other backends keep the plain form unless
-# _SUBPIXEL_UPSAMPLE is True (benchmarks/gpu.py's "subpixel_upsample" experiment).
-_SUBPIXEL_MIN_PIXELS = 32 * 32
+# "auto": the sub-pixel form for inputs of at least this many pixels, per backend,
+# where it measured faster (benchmarks/NOTES.md). CPU: [1, 64, 64, 128] 25.3 -> 13.2 ms,
+# no faster from 16x16 down. GPU (H200, session 8): the SD VAE decode 8 x 512² 42.2 ->
+# 39.5 ms, its upsamplers' inputs 64² to 256²; the SD 1.5 UNet's (8² to 32²) were not
+# measured and keep the plain form. TPU keeps it everywhere. True / False force a form
+# (benchmarks/gpu.py's "subpixel_upsample" experiment sets True).
+_SUBPIXEL_MIN_PIXELS = {"cpu": 32 * 32, "gpu": 64 * 64}
 _SUBPIXEL_UPSAMPLE: bool | str = "auto"
 
 
 def _use_subpixel(x: jax.Array) -> bool:
     if _SUBPIXEL_UPSAMPLE != "auto":
         return bool(_SUBPIXEL_UPSAMPLE)
-    return jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] >= _SUBPIXEL_MIN_PIXELS
+    least = _SUBPIXEL_MIN_PIXELS.get(jax.default_backend())
+    return least is not None and x.shape[1] * x.shape[2] >= least
 
 
 def _upsample_conv_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -437,16 +440,25 @@ def _upsample_conv_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
     )
 
 
-@jax.custom_vjp
-def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``conv3x3(nearest_upsample_x2(x))`` (padding 1) without forming the upsampled input.
+def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """``conv3x3(nearest_upsample_x2(x)) + bias`` (padding 1) without forming the upsampled input.
 
-    The same function as :func:`_upsample_conv_reference` up to rounding (the kernel
-    taps are summed in fp32 before the products), at 4/9 of its multiply-adds. The
-    gradient is the reference form's.
+    The same function as :func:`_upsample_conv_reference` (plus ``bias``) up to rounding
+    (the kernel taps are summed in fp32 before the products), at 4/9 of its
+    multiply-adds. The bias is added in the pass that interleaves the four output
+    phases, not in a pass of its own over the output. The gradient is the reference
+    form's.
 
-    Args: x [B, H, W, C]; kernel [3, 3, C, O] (HWIO). Returns [B, 2H, 2W, O].
+    Args: x [B, H, W, C]; kernel [3, 3, C, O] (HWIO); bias [O] or None.
+    Returns [B, 2H, 2W, O].
     """
+    if bias is None:
+        bias = jnp.zeros((kernel.shape[-1],), jnp.result_type(x, kernel))
+    return _upsample2x_conv3x3(x, kernel, bias)
+
+
+@jax.custom_vjp
+def _upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     o = kernel.shape[-1]
     k = kernel.astype(jnp.float32)
@@ -462,32 +474,50 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
         ),
     )  # [B, H+1, W+1, 4O]: phase (a, b) of output pixel (2i+a, 2j+b) is at (i+a, j+b)
     y = y.reshape(b, h + 1, w + 1, 2, 2, o)
+    # The bias goes onto each phase's slice, where XLA fuses it into the interleaving.
     rows = [
-        jnp.stack([y[:, a : a + h, c2 : c2 + w, a, c2] for c2 in (0, 1)], axis=3) for a in (0, 1)
+        jnp.stack([y[:, a : a + h, c2 : c2 + w, a, c2] + bias for c2 in (0, 1)], axis=3)
+        for a in (0, 1)
     ]
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, o)
 
 
-def _upsample_conv_fwd(x, kernel):
-    return upsample2x_conv3x3(x, kernel), (x, kernel)
+def _upsample_conv_fwd(x, kernel, bias):
+    return _upsample2x_conv3x3(x, kernel, bias), (x, kernel, bias)
 
 
 def _upsample_conv_bwd(res, g):
     # The reference form's gradient: XLA:CPU ran the 2x2 form's gradient 13-28x slower
     # than this at the VAE decoder's sizes (benchmarks/NOTES.md). Its unused forward is
     # dead code under jit.
-    x, kernel = res
-    _, vjp = jax.vjp(_upsample_conv_reference, x, kernel)
+    x, kernel, bias = res
+    _, vjp = jax.vjp(lambda x, k, b: _upsample_conv_reference(x, k) + b, x, kernel, bias)
     return vjp(g)
 
 
-upsample2x_conv3x3.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
+_upsample2x_conv3x3.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
 
 
-def _subpixel_conv(lhs, rhs, window_strides, padding, **kwargs):
-    """``nn.Conv``'s convolution for :class:`Upsample2D`: takes the input before upsampling."""
-    del window_strides, padding, kwargs  # always stride 1, padding 1, NHWC/HWIO
-    return upsample2x_conv3x3(lhs, rhs)
+class _SubpixelUpsampleConv(nn.Module):
+    """``nn.Conv(features, (3, 3), padding=1)``'s params ("kernel" [3, 3, C, O] and
+    "bias" [O], the same initialisers), applied to x [B, H, W, C] repeated x2 along H
+    and W through :func:`upsample2x_conv3x3`."""
+
+    features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (3, 3, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return upsample2x_conv3x3(x, kernel, bias)
 
 
 class Upsample2D(nn.Module):
@@ -517,14 +547,8 @@ class Upsample2D(nn.Module):
         features = self.out_channels or x.shape[-1]
         if size == (2 * h, 2 * w) and _use_subpixel(x):
             # Same params ("conv": kernel [3, 3, C, O], bias), computed sub-pixel.
-            return nn.Conv(
-                features,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                conv_general_dilated=_subpixel_conv,
-                name="conv",
+            return _SubpixelUpsampleConv(
+                features, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
             )(x)
         x = _resize_nearest(x, size)
         return conv3x3(features, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)

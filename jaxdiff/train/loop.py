@@ -22,6 +22,7 @@ resumes from the newest readable checkpoint; SIGTERM/SIGINT save and return.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -40,7 +41,7 @@ from jaxdiff.train import final_eval, samples, setup
 from jaxdiff.train.data import HostBatches, batch_digest, tokenize
 from jaxdiff.train.metrics import MetricsLogger
 from jaxdiff.train.phases import DIFFUSION, VAE, Phase, diffusion_phase, host_copy, vae_phase
-from jaxdiff.train.step import TrainState
+from jaxdiff.train.step import TrainState, param_norm
 
 # ------------------------------------------------------------------ small helpers
 
@@ -167,6 +168,8 @@ def run_phase(
         # The base key stays on the host side: the state (and its rng) is donated each step.
         rng = jax.device_put(host_copy(state.rng), parallel.replicated(mesh))
         pending = PendingMetrics(phase.name, int(config.batch_size))
+        # Read at logging steps only: per step it would be one more pass over the params.
+        norm_of = jax.jit(functools.partial(param_norm, trainable=phase.trainable))
         losses: list[float] = []
         preempted = False
         bar = tqdm(
@@ -196,6 +199,7 @@ def run_phase(
                 if saving or step % log_every == 0:
                     # Before saving: a NaN state must never become the checkpoint to resume.
                     summary = pending.flush()
+                    summary["param_norm"] = float(host_copy(norm_of(state)))
                     logger.write(phase.name, step, summary)
                     losses.append(summary["loss"])
                 if saving:

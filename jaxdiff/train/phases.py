@@ -54,6 +54,8 @@ class Phase:
         step may depend on restored values (the latent scaling factor).
       make_batch: host batch -> dict of numeric numpy arrays for the step.
       on_step: (step, state) -> None, called after each step (sample grids).
+      trainable: the top-level networks that train (None: all of ``state.params``),
+        whose norm the loop logs as ``param_norm``.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Phase:
     build_step: Callable[[TrainState], Callable]
     make_batch: Callable[[dict], dict]
     on_step: Callable[[int, TrainState], None] | None = None
+    trainable: tuple[str, ...] | None = None
 
 
 def host_copy(x: jax.Array) -> np.ndarray:
@@ -293,4 +296,5 @@ def diffusion_phase(
         abstract_state=_with_shardings(abstract, state_sh),
         build_step=build_step,
         make_batch=make_batch,
+        trainable=tuple(trainable),
     )

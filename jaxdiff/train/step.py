@@ -202,17 +202,25 @@ def make_train_step(
             ema_params=ema,
             opt_state=opt_state,
         )
-        metrics = {
-            "loss": loss,
-            "mse": aux["mse"],
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(trainable),
-        }
+        # The gradient's norm is the clipping's (XLA merges the two). No param_norm
+        # here: one more pass over every parameter, one reduction per leaf (686 for
+        # SD 1.5's UNet, predicted ~3 ms of a 95 ms step on an H200); the training loop adds
+        # it when it logs (see param_norm).
+        metrics = {"loss": loss, "mse": aux["mse"], "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return new_state, metrics
 
     return train_step
+
+
+def param_norm(state: TrainState, trainable: Sequence[str] | None = None) -> jax.Array:
+    """L2 norm over the params of the ``trainable`` networks (all when None), in fp32.
+
+    Jittable; the training loop logs it at each logging step rather than every step.
+    """
+    params = state.params if trainable is None else optim.select(state.params, trainable)
+    return optax.tree.norm(jax.tree.map(lambda a: a.astype(jnp.float32), params))
 
 
 def state_shardings(abstract_state: TrainState, mesh, min_size: int | None = None):

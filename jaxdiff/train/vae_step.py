@@ -126,8 +126,7 @@ def make_vae_train_step(
             "recon": aux["recon"],
             "kl": aux["kl"],
             "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
-        }
+        }  # param_norm: added by the training loop when it logs (see step.param_norm)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return new_state, metrics
