@@ -30,8 +30,10 @@ but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
 transformers 4.57 + its hub/tokenizers pins) and puts each on its own worker's
 PYTHONPATH only.
 
-Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 520 --contenders jaxdiff
-   then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 260 --contenders flax039 torch_compile
+Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 490 --contenders jaxdiff
+   then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 330 \
+                    --contenders flax039 torch torch_compile
+(session 8 on an H200: 470 s and 330 s, 840 s of the 900 device-seconds with the start)
 Run (CPU, smoke, tiny shapes):  python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny
 """
 
@@ -64,31 +66,50 @@ SHARES = {"jaxdiff": 7.0, "torch": 1.5, "flax039": 3.0, "torch_compile": 1.5}
 # contender "jaxdiff+NAME" (run after jaxdiff, before the peers). "patch" sets a
 # module constant before anything is traced; "xla_flags" is appended to XLA_FLAGS.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # One read of x for both GroupNorm sums instead of two (predicted: -0.5 ms of the
-    # 1.6 ms of norm-statistics kernels in the batch-16 UNet, more in the VAE).
+    # Measured results (H200, session 8) are in benchmarks/NOTES.md; "default": False
+    # marks the ones that run only when named (--variants).
+    #
+    # The sampler's first compile in a process that has compiled nothing else (in the
+    # jaxdiff worker it follows the UNet's and the VAE's, whose autotuning XLA keeps in
+    # process memory): the compile goal's honest figure.
+    "t2i_cold": {"items": ("t2i",)},
+    # CUDA graphs for the convolutions and loops too: XLA's default command buffers
+    # (fusions, cuBLAS, cuDNN graphs, custom calls) leave every cuDNN convolution a
+    # separate launch. Session 8: UNet b2 10.1 -> 9.8 ms, b16 unchanged; now also the
+    # sampler, whose 50-step loop could run as one graph (WHILE).
+    "command_buffers": {
+        "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
+        "items": ("unet_b2", "t2i"),
+    },
+    # One read of x for both GroupNorm sums instead of two. Session 8: UNet b16
+    # unchanged (36.6 vs 36.5 ms), VAE 40.3 vs 42.2 ms from a single timed call; the
+    # VAE again, with its repeats.
     "groupnorm_one_pass": {
         "patch": ("jaxdiff.models.layers", "_ONE_PASS_GROUPNORM", True),
-        "items": ("unet_b16", "vae_decode"),
+        "items": ("vae_decode",),
     },
-    # Nearest x2 upsampling + 3x3 conv from the low-resolution input (layers.py's
-    # sub-pixel form, 4/9 of the multiply-adds). The VAE decoder's three upsampling
-    # convs are ~695 of its 2514 GFLOP per 512² image; predicted: VAE decode 44 -> ~39 ms
-    # if cuDNN runs the [2, 2, C, 4C] kernels as fast per FLOP as the 3x3 ones.
+    # The sub-pixel form of nearest x2 upsampling + 3x3 conv for every upsampler,
+    # the UNet's too (the GPU default takes it from 64x64 inputs: the VAE's, measured
+    # 42.2 -> 39.5 ms in session 8). The UNet's three upsamplers are ~8 % of its FLOPs
+    # and would do 4/9 of that.
     "subpixel_upsample": {
         "patch": ("jaxdiff.models.layers", "_SUBPIXEL_UPSAMPLE", True),
-        "items": ("vae_decode",),  # ~6 s to compile (the UNet upsamplers: ~8 % of its FLOPs)
+        "items": ("unet_b16",),
     },
     # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
-    # fuse into the matmuls that read them (2.4 + 1.9 ms of elementwise kernels in the
-    # batch-16 UNet); the risk is slower matmuls than cuBLAS's.
+    # fuse into the matmuls that read them (2.3 + 3.2 ms of elementwise kernels in the
+    # batch-16 UNet on the H200); the risk is slower matmuls than cuBLAS's.
     "triton_gemm_any": {"xla_flags": "--xla_gpu_triton_gemm_any=true", "items": ("unet_b16",)},
-    # No merging of the to_q/to_k/to_v matmuls that share an input: XLA concatenates
-    # their weights each call and copies the three slices out for cuDNN attention
-    # (~1 ms of the batch-16 UNet); predicted -0.5 to -1 ms.
-    "no_dot_merger": {"xla_flags": "--xla_gpu_dot_merger_threshold_mb=0", "items": ("unet_b16",)},
-    # Not run unless named (--variants): cuDNN's GEMM fusions (elementwise work fused
-    # into cuDNN matmuls on Hopper), and XLA's experimental fusion into convolutions
-    # (the GroupNorm-apply + SiLU that feed each 3x3 conv).
+    # No merging of the to_q/to_k/to_v matmuls that share an input. Session 8: 36.4 vs
+    # 36.5 ms.
+    "no_dot_merger": {
+        "xla_flags": "--xla_gpu_dot_merger_threshold_mb=0",
+        "items": ("unet_b16",),
+        "default": False,
+    },
+    # cuDNN's GEMM fusions (elementwise work fused into cuDNN matmuls on Hopper), and
+    # XLA's experimental fusion into convolutions (the GroupNorm-apply + SiLU that feed
+    # each 3x3 conv). Not measured yet.
     "cudnn_gemm_fusion": {
         "xla_flags": "--xla_gpu_cudnn_gemm_fusion_level=2",
         "items": ("unet_b16",),
@@ -99,20 +120,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b16",),
         "default": False,
     },
-    # CUDA graphs for the convolutions and loops too: XLA's default command buffers
-    # (fusions, cuBLAS, cuDNN graphs, custom calls) leave every cuDNN convolution a
-    # separate launch, so a UNet forward is split into ~100 graphs with launches between.
-    # Predicted: most of the ~2 ms of gaps in the batch-16 forward, more of the
-    # launch-bound batch-2 forward's 10.8 ms (1.6 TFLOP: ~2.5 ms at the ceiling).
-    "command_buffers": {
-        "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
-        "items": ("unet_b2", "unet_b16"),
+    # Autotuning without its checks (XLA's default level 4 re-initialises buffers and
+    # compares every candidate with the reference). Session 8: UNet b16 compile 22.8 vs
+    # 23.1 s, runtime unchanged.
+    "autotune_1": {
+        "xla_flags": "--xla_gpu_autotune_level=1",
+        "items": ("unet_b16",),
+        "default": False,
     },
-    # Autotuning without its checks (XLA's default level 4 also re-initialises the
-    # buffers and compares every candidate's output with the reference): the compile
-    # time of the batch-16 UNet (30 s; the sampler's 30.0 s is a goal) and any runtime cost.
-    "autotune_1": {"xla_flags": "--xla_gpu_autotune_level=1", "items": ("unet_b16",)},
-    # No autotuning: how much of the ~27 s compile is autotuning, at what runtime cost.
+    # No autotuning: how much of the compile is autotuning, at what runtime cost.
     "autotune_0": {
         "xla_flags": "--xla_gpu_autotune_level=0",
         "items": ("unet_b16",),

@@ -9,9 +9,10 @@ is backend-independent: every ``dot_general`` and ``conv_general_dilated`` is
 
 Elementwise work (norms, activations, softmax) is not counted: the figure is
 the one a matmul ceiling is compared with ("achieved fraction of the bf16
-matmul ceiling"). Attention that runs as a fused kernel (cuDNN) is a single
-opaque primitive in the jaxpr; trace with XLA's attention (``JAXDIFF_ATTENTION
-=xla``, see :mod:`jaxdiff.models.attention`) to count its two matmuls.
+matmul ceiling"). Attention that runs as cuDNN's fused kernel is one primitive in the jaxpr
+(``dot_product_attention_fwd_wrapper`` / ``_bwd_wrapper``); it is counted as the
+matmuls XLA's attention would do on the same shapes: two forward (q k^T and p v),
+four backward (no recomputation counted), so both paths give one figure.
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def _conv_flops(eqn) -> float:
     return 2.0 * out * window * in_per_group
 
 
+def _fused_attention_flops(eqn) -> float:
+    """cuDNN fused attention: 2 (forward) or 4 (backward) matmuls of B*N*T*S*H multiply-adds."""
+    q, k = eqn.invars[0].aval, eqn.invars[1].aval
+    layout = eqn.params.get("layout", 0)
+    if int(getattr(layout, "value", layout)) == 1:  # [B, N, T, H]
+        b, n, t, h = q.shape
+        s = k.shape[2]
+    else:  # 0: [B, T, N, H]
+        b, t, n, h = q.shape
+        s = k.shape[1]
+    matmuls = 4 if "bwd" in eqn.primitive.name else 2
+    return matmuls * 2.0 * b * n * t * s * h
+
+
+_FUSED_ATTENTION = ("dot_product_attention_fwd_wrapper", "dot_product_attention_bwd_wrapper")
+
+
 def _sub_jaxprs(eqn):
     """The jaxprs inside a higher-order primitive's params (pjit, scan, custom_vjp, ...)."""
     for value in eqn.params.values():
@@ -65,6 +83,8 @@ def jaxpr_flops(jaxpr: Any) -> Counter:
             total["dot"] += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total["conv"] += _conv_flops(eqn)
+        elif name in _FUSED_ATTENTION:
+            total["dot"] += _fused_attention_flops(eqn)
         elif name == "cond":  # one branch runs
             branches = [jaxpr_flops(b) for b in _sub_jaxprs(eqn)]
             total.update(max(branches, key=lambda c: sum(c.values())))

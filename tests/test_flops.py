@@ -64,3 +64,29 @@ def test_gradient_scan_and_cond():
         return jax.lax.cond(pick, lambda: (x @ w) @ w, lambda: x @ w)
 
     assert count_flops(branchy, w, x, True)["dot"] == 2 * one
+
+
+def test_cudnn_fused_attention_counts_as_xla_attention(monkeypatch):
+    """cuDNN's fused attention (one primitive) counts the matmuls of XLA's attention on
+    the same shapes, forward and backward. Traced on the CPU with cuDNN's version checks
+    stubbed: make_jaxpr only traces, nothing is lowered."""
+    import jax._src.cudnn.fused_attention_stablehlo as fused
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda *a, **k: 90800)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda *a, **k: True)
+    q = jax.ShapeDtypeStruct((2, 64, 8, 40), jnp.bfloat16)  # [B, T, N, H]
+    k = jax.ShapeDtypeStruct((2, 48, 8, 40), jnp.bfloat16)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(
+            jax.nn.dot_product_attention(q, k, v, implementation=impl).astype(jnp.float32)
+        )
+
+    fwd = {i: count_flops(loss(i), q, k, k)["dot"] for i in ("cudnn", "xla")}
+    assert "dot_product_attention_fwd_wrapper" in str(jax.make_jaxpr(loss("cudnn"))(q, k, k))
+    assert fwd["cudnn"] == fwd["xla"] == 2 * 2.0 * 2 * 8 * 64 * 48 * 40
+    grad = {
+        i: count_flops(jax.grad(loss(i), argnums=(0, 1, 2)), q, k, k)["dot"]
+        for i in ("cudnn", "xla")
+    }
+    assert grad["cudnn"] == grad["xla"] == 6 * 2.0 * 2 * 8 * 64 * 48 * 40
