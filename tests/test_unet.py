@@ -866,3 +866,23 @@ def test_init_and_remat_gradients():
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(g_plain["conv_in"]["kernel"]))) > 0
+
+
+def test_gelu_erf_is_torch_gelu():
+    """The GEGLU / CLIP "gelu": PyTorch's exact GELU, the tails included; computed in
+    fp32 for bf16 input."""
+    import jaxdiff.models.layers as layers
+
+    x = np.linspace(-9.0, 9.0, 6001, dtype=np.float32)
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    out = np.asarray(layers.gelu_erf(jnp.asarray(x)))
+    # XLA's fp32 erf reaches -1 a little earlier than PyTorch's: far in the negative
+    # tail this gives 0 where PyTorch gives ~-1e-7 (absolute differences under 1e-6).
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+    assert np.max(np.abs(out - ref)[x > -4.0]) < 2e-6 * np.max(np.abs(ref))
+    xb = jnp.asarray(x, jnp.bfloat16)
+    outb = layers.gelu_erf(xb)
+    assert outb.dtype == jnp.bfloat16
+    refb = torch.nn.functional.gelu(torch.from_numpy(np.asarray(xb, np.float32))).numpy()
+    # One rounding to bf16 of the fp32 value: within half a bf16 ulp (2^-8 relative).
+    np.testing.assert_allclose(np.asarray(outb, np.float32), refb, rtol=2**-8, atol=1e-6)

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import layers
 from jaxdiff.models.layers import Conv, GroupNorm, tile_batch
 
 Dtype = Any
@@ -382,7 +383,7 @@ class GEGLU(nn.Module):
         )(x)
         a, gate = jnp.split(h, 2, axis=-1)
         # Exact (erf) GELU, as torch.nn.functional.gelu's default.
-        return a * nn.gelu(gate, approximate=False)
+        return a * layers.gelu_erf(gate)
 
 
 class FeedForward(nn.Module):

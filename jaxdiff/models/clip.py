@@ -36,13 +36,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.layers import gelu_erf
+
 Dtype = Any
 
 _ACTIVATIONS = {
     # CLIP's original sigmoid approximation of GELU (OpenAI ViT-L/14).
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     # Exact (erf) GELU, as torch.nn.functional.gelu (OpenCLIP ViT-H/14).
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_erf,
 }
 # Before transformers PR #24773 CLIP configs carried eos_token_id=2, which is not the
 # real end-of-text id (49407); for those the EOS is found as the largest token id.

@@ -38,7 +38,24 @@ __all__ = [
     "upsample2x_conv3x3",
     "Conv",
     "tile_batch",
+    "gelu_erf",
 ]
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU as PyTorch writes it, ``0.5 x (1 + erf(x / sqrt(2)))``, in fp32; ``x``'s dtype.
+
+    ``jax.nn.gelu(approximate=False)`` computes ``0.5 x erfc(-x / sqrt(2))``; XLA's
+    erfc evaluates two polynomials and an exp per element where erf is one rational
+    polynomial: GEGLU's product 0.36 -> 0.15 ms for [2, 1024, 512] on this CPU. This
+    form is torch.nn.functional.gelu's (so diffusers' and transformers'); the results
+    differ from PyTorch's by rounding, and below x = -5.4, where XLA's fp32 erf is
+    already -1, by returning 0 for values of ~-1e-7 (under 1e-6 absolute everywhere).
+    It computes in fp32 for half-precision inputs (jax.nn.gelu scales bf16 input by a
+    bf16 1/sqrt(2)).
+    """
+    x32 = x.astype(jnp.float32)
+    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(0.5**0.5)))).astype(x.dtype)
 
 
 def tile_batch(a: jax.Array, n: int) -> jax.Array:
