@@ -741,6 +741,15 @@ def test_subpixel_upsample_matches_diffusers_and_reference_gradient(monkeypatch)
         atol=1e-5,
     )
 
+    # Both forms initialise the same params ("conv": kernel, bias), value for value.
+    inits = []
+    for form in (True, False):
+        monkeypatch.setattr(layers, "_SUBPIXEL_UPSAMPLE", form)
+        inits.append(Upsample2D(8).init(jax.random.key(3), x_nhwc))
+    for a, b in zip(*(jax.tree.leaves(p) for p in inits)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(inits[0]) == jax.tree.structure(inits[1])
+
     # "auto": on CPU from 32x32 inputs (the VAE decoder's), not below (the small UNet's).
     monkeypatch.setattr(layers, "_SUBPIXEL_UPSAMPLE", "auto")
     assert layers._use_subpixel(jnp.zeros((1, 32, 32, 4)))
