@@ -794,7 +794,7 @@ def test_groupnorm_one_pass_statistics_agree(monkeypatch, offset):
     np.testing.assert_allclose(results[True][0], results[False][0], atol=atol)
     np.testing.assert_allclose(results[True][1], results[False][1], atol=atol * 10)
     monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", "auto")
-    assert layers._one_pass_groupnorm() == (jax.default_backend() == "cpu")
+    assert layers._cpu_unless_set(layers._ONE_PASS_GROUPNORM) == (jax.default_backend() == "cpu")
 
 
 def test_dtypes_validation_and_attention_hook():
@@ -885,10 +885,10 @@ def test_gelu_erf_is_torch_gelu():
     x = np.linspace(-9.0, 9.0, 6001, dtype=np.float32)
     ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
     out = np.asarray(layers.gelu_erf(jnp.asarray(x)))
-    # XLA's fp32 erf reaches -1 a little earlier than PyTorch's: far in the negative
-    # tail this gives 0 where PyTorch gives ~-1e-7 (absolute differences under 1e-6).
-    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
-    assert np.max(np.abs(out - ref)[x > -4.0]) < 2e-6 * np.max(np.abs(ref))
+    # Rounding only (9.5e-7 at most here, at |gelu| ~3.4); XLA's fp32 erf reaches -1 a
+    # little earlier than PyTorch's, so far in the negative tail this gives 0 where
+    # PyTorch gives ~-1e-7.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)
     xb = jnp.asarray(x, jnp.bfloat16)
     outb = layers.gelu_erf(xb)
     assert outb.dtype == jnp.bfloat16

@@ -32,8 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models import layers
-from jaxdiff.models.layers import Conv, GroupNorm, tile_batch
+from jaxdiff.models.layers import Conv, GroupNorm, gelu_erf, tile_batch
 
 Dtype = Any
 # fn(module, q [B,T,N,H], k [B,S,N,H], v [B,S,N,H]) -> [B,T,N,H]
@@ -383,7 +382,7 @@ class GEGLU(nn.Module):
         )(x)
         a, gate = jnp.split(h, 2, axis=-1)
         # Exact (erf) GELU, as torch.nn.functional.gelu's default.
-        return a * layers.gelu_erf(gate)
+        return a * gelu_erf(gate)
 
 
 class FeedForward(nn.Module):

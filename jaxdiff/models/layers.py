@@ -50,7 +50,7 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     polynomial: GEGLU's product 0.36 -> 0.15 ms for [2, 1024, 512] on this CPU. This
     form is torch.nn.functional.gelu's (so diffusers' and transformers'); the results
     differ from PyTorch's by rounding, and below x = -5.4, where XLA's fp32 erf is
-    already -1, by returning 0 for values of ~-1e-7 (under 1e-6 absolute everywhere).
+    already -1, by returning 0 for values of ~-1e-7 (about 1e-6 absolute at most).
     It computes in fp32 for half-precision inputs (jax.nn.gelu scales bf16 input by a
     bf16 1/sqrt(2)).
     """
@@ -236,16 +236,9 @@ _ONE_PASS_GROUPNORM: bool | str = "auto"
 _GROUPNORM_SPLIT_SUMS: bool | str = "auto"
 
 
-def _one_pass_groupnorm() -> bool:
-    if _ONE_PASS_GROUPNORM == "auto":
-        return jax.default_backend() == "cpu"
-    return bool(_ONE_PASS_GROUPNORM)
-
-
-def _groupnorm_split_sums() -> bool:
-    if _GROUPNORM_SPLIT_SUMS == "auto":
-        return jax.default_backend() == "cpu"
-    return bool(_GROUPNORM_SPLIT_SUMS)
+def _cpu_unless_set(switch: bool | str) -> bool:
+    """A module switch's value: as set, or for "auto" whether the backend is the CPU."""
+    return jax.default_backend() == "cpu" if switch == "auto" else bool(switch)
 
 
 class GroupNorm(nn.Module):
@@ -280,7 +273,7 @@ class GroupNorm(nn.Module):
         g = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         # Reduce over every spatial axis and the channels inside a group.
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        if x.ndim >= 3 and _one_pass_groupnorm():
+        if x.ndim >= 3 and _cpu_unless_set(_ONE_PASS_GROUPNORM):
             # Both sums in one read of x (XLA fuses sibling reductions), taken about a
             # shift: each group's mean over the first row, so that E[d^2] - E[d]^2
             # does not cancel when a group's |mean| >> std. The variance does not
@@ -289,11 +282,13 @@ class GroupNorm(nn.Module):
             d = g - shift
             # Per-channel sums over the positions first, then over a group's channels.
             # XLA would merge the two reductions into one over [..., G, C/G], which
-            # XLA:CPU runs 1.5-2.8x slower (C/G is 2-8 in Stable Diffusion); the
-            # barrier keeps them apart.
+            # XLA:CPU runs 1.5-2.8x slower (C/G is 2-8 in Stable Diffusion); there
+            # the barrier keeps them apart.
             spatial = axes[:-1]
             sums = tuple(jnp.sum(a, axis=spatial, keepdims=True) for a in (d, d * d))
-            s1, s2 = jax.lax.optimization_barrier(sums) if _groupnorm_split_sums() else sums
+            if _cpu_unless_set(_GROUPNORM_SPLIT_SUMS):
+                sums = jax.lax.optimization_barrier(sums)
+            s1, s2 = sums
             n = math.prod(g.shape[a] for a in axes)
             m1 = jnp.sum(s1, axis=-1, keepdims=True) / n
             var = jnp.maximum(jnp.sum(s2, axis=-1, keepdims=True) / n - m1**2, 0.0)
@@ -430,7 +425,7 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.floa
 # where it measured faster (benchmarks/NOTES.md). CPU: [1, 64, 64, 128] 25.3 -> 13.2 ms,
 # no faster from 16x16 down. GPU (H200, session 8): the SD VAE decode 8 x 512² 42.2 ->
 # 39.5 ms, its upsamplers' inputs 64² to 256²; the SD 1.5 UNet's (8² to 32²) were not
-# measured and keep the plain form. TPU keeps it everywhere. True / False force a form
+# measured and keep the plain form. TPU: the plain form. True / False force a form
 # (benchmarks/gpu.py's "subpixel_upsample" experiment sets True).
 _SUBPIXEL_MIN_PIXELS = {"cpu": 32 * 32, "gpu": 64 * 64}
 _SUBPIXEL_UPSAMPLE: bool | str = "auto"
