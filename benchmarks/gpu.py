@@ -30,10 +30,11 @@ but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
 transformers 4.57 + its hub/tokenizers pins) and puts each on its own worker's
 PYTHONPATH only.
 
-Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 490 --contenders jaxdiff
-   then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 330 \
-                    --contenders flax039 torch torch_compile
-(session 8 on an H200: 470 s and 330 s, 840 s of the 900 device-seconds with the start)
+Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 520 --contenders jaxdiff
+   then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 240 \
+                    --contenders torch torch_compile flax039
+(session 8 on an H200: 470 s and 330 s, 840 s of the 900 device-seconds with the start;
+the warm machine is given back after 30 s idle: start the second call at once)
 Run (CPU, smoke, tiny shapes):  python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny
 """
 
@@ -61,18 +62,34 @@ from benchmarks import common  # noqa: E402
 
 CONTENDERS = ("jaxdiff", "torch", "flax039", "torch_compile")
 # Share of the time budget per contender (the unused part of one passes on to the next).
-SHARES = {"jaxdiff": 7.0, "torch": 1.5, "flax039": 3.0, "torch_compile": 1.5}
+# jaxdiff's own items take ~250 s on an H200 (the train step's compile ~100 s).
+SHARES = {"jaxdiff": 14.0, "torch": 1.5, "flax039": 3.0, "torch_compile": 1.5}
 # Experiments: the jaxdiff worker again with one change, on a few items, as the
 # contender "jaxdiff+NAME" (run after jaxdiff, before the peers). "patch" sets a
 # module constant before anything is traced; "xla_flags" is appended to XLA_FLAGS.
 VARIANTS: dict[str, dict[str, Any]] = {
     # Measured results (H200, session 8) are in benchmarks/NOTES.md; "default": False
-    # marks the ones that run only when named (--variants).
+    # marks the ones that run only when named (--variants); "options" go to the
+    # jaxdiff worker (runner.options); "share" is the part of the time budget (1.0
+    # unless given; jaxdiff's own is SHARES["jaxdiff"]). Run in this order.
     #
+    # The train step with its state (fp32 params, AdamW moments) in layouts XLA picks
+    # (jaxdiff.layouts), in and out: the H200 profile had ~7 ms per step of transposes
+    # (conv kernels to cuDNN's [out, h, w, in] on the way in, their gradients back).
+    "train_layouts": {"options": {"train_layouts": True}, "items": ("train_step",), "share": 3.0},
+    # The UNet and the sampler with the parameters in the default layouts: what the
+    # chosen layouts (now the GPU default: jaxdiff.layouts, the pipeline's
+    # param_layouts) gain, in the same run.
+    "default_layouts": {
+        "options": {"param_layouts": False},
+        "items": ("unet_b2", "unet_b16", "t2i"),
+        "share": 2.0,
+    },
     # The sampler's first compile in a process that has compiled nothing else (in the
     # jaxdiff worker it follows the UNet's and the VAE's, whose autotuning XLA keeps in
-    # process memory): the compile goal's honest figure.
-    "t2i_cold": {"items": ("t2i",)},
+    # process memory; "cold": without the run's shared XLA cache either): the compile
+    # goal's honest figure.
+    "t2i_cold": {"items": ("t2i",), "cold": True},
     # CUDA graphs for the convolutions and loops too: XLA's default command buffers
     # (fusions, cuBLAS, cuDNN graphs, custom calls) leave every cuDNN convolution a
     # separate launch. Session 8: UNet b2 10.1 -> 9.8 ms, b16 unchanged; now also the
@@ -80,14 +97,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "command_buffers": {
         "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
         "items": ("unet_b2", "t2i"),
+        "share": 1.5,
     },
-    # One read of x for both GroupNorm sums instead of two. Session 8: UNet b16
-    # unchanged (36.6 vs 36.5 ms), VAE 40.3 vs 42.2 ms from a single timed call; the
-    # VAE again, with its repeats.
-    "groupnorm_one_pass": {
-        "patch": ("jaxdiff.models.layers", "_ONE_PASS_GROUPNORM", True),
-        "items": ("vae_decode",),
-    },
+    # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
+    # fuse into the matmuls that read them (2.3 + 3.2 ms of elementwise kernels in the
+    # batch-16 UNet on the H200); the risk is slower matmuls than cuBLAS's.
+    "triton_gemm_any": {"xla_flags": "--xla_gpu_triton_gemm_any=true", "items": ("unet_b16",)},
     # The sub-pixel form of nearest x2 upsampling + 3x3 conv for every upsampler,
     # the UNet's too (the GPU default takes it from 64x64 inputs: the VAE's, measured
     # 42.2 -> 39.5 ms in session 8). The UNet's three upsamplers are ~8 % of its FLOPs
@@ -96,10 +111,26 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "patch": ("jaxdiff.models.layers", "_SUBPIXEL_UPSAMPLE", True),
         "items": ("unet_b16",),
     },
-    # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
-    # fuse into the matmuls that read them (2.3 + 3.2 ms of elementwise kernels in the
-    # batch-16 UNet on the H200); the risk is slower matmuls than cuBLAS's.
-    "triton_gemm_any": {"xla_flags": "--xla_gpu_triton_gemm_any=true", "items": ("unet_b16",)},
+    # The train step's ~1200 small kernels per step (per-leaf norms and updates) as
+    # CUDA graphs: the H200 profile had ~13 ms per step between kernels.
+    "train_command_buffers": {
+        "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
+        "items": ("train_step",),
+        "share": 3.0,
+    },
+    # XLA's experimental fusion of elementwise producers into cuDNN convolutions (the
+    # GroupNorm-apply + SiLU that feed each 3x3 conv: ~2.4 ms of the batch-16 UNet).
+    "conv_fusion": {
+        "xla_flags": "--xla_gpu_experimental_enable_conv_fusion=true",
+        "items": ("unet_b16",),
+    },
+    # One read of x for both GroupNorm sums instead of two. Session 8: UNet b16
+    # unchanged (36.6 vs 36.5 ms), VAE 40.3 vs 42.2 ms from a single timed call.
+    "groupnorm_one_pass": {
+        "patch": ("jaxdiff.models.layers", "_ONE_PASS_GROUPNORM", True),
+        "items": ("vae_decode",),
+        "default": False,
+    },
     # No merging of the to_q/to_k/to_v matmuls that share an input. Session 8: 36.4 vs
     # 36.5 ms.
     "no_dot_merger": {
@@ -107,16 +138,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b16",),
         "default": False,
     },
-    # cuDNN's GEMM fusions (elementwise work fused into cuDNN matmuls on Hopper), and
-    # XLA's experimental fusion into convolutions (the GroupNorm-apply + SiLU that feed
-    # each 3x3 conv). Not measured yet.
+    # cuDNN's GEMM fusions (elementwise work fused into cuDNN matmuls on Hopper). Not
+    # measured yet.
     "cudnn_gemm_fusion": {
         "xla_flags": "--xla_gpu_cudnn_gemm_fusion_level=2",
-        "items": ("unet_b16",),
-        "default": False,
-    },
-    "conv_fusion": {
-        "xla_flags": "--xla_gpu_experimental_enable_conv_fusion=true",
         "items": ("unet_b16",),
         "default": False,
     },
@@ -136,6 +161,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
 }
 VARIANT_SHARE = 1.0
+# The run's shared XLA cache directory, for the jaxdiff workers (see run()).
+ENV_XLA_CACHE = "JAXDIFF_BENCH_XLA_CACHE"
 # Items in priority order per contender; names are shared so the table lines up.
 ITEMS = {
     "jaxdiff": (
@@ -145,7 +172,7 @@ ITEMS = {
         "vae_decode",
         "train_step",
         "t2i",
-        "unet_b16_xla",
+        "unet_b16_xla",  # only when named (--items): session 8 measured it, 67.5 ms
     ),
     "torch": (
         "matmul",
@@ -405,6 +432,7 @@ class _Runner:
             sync,
         )
         self.selected: set[str] = set()
+        self.options: dict[str, Any] = {}  # a variant's "options"
         self.result: dict[str, Any] = {"contender": name, "items": {}, "info": {}}
         self.save()
 
@@ -477,6 +505,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     import jax.numpy as jnp
     from transformers import CLIPTokenizer
 
+    from jaxdiff import layouts
     from jaxdiff.flops import count_flops
     from jaxdiff.models.attention import ENV_ATTENTION
     from jaxdiff.models.autoencoder import vae_decode
@@ -516,13 +545,27 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     # The attention kernel is picked (from JAXDIFF_ATTENTION) when this is traced.
     unet_fn = jax.jit(unet_apply)
+    # The UNet as the library runs it on GPU: parameters in the layouts XLA picks
+    # (jaxdiff.layouts; the pipeline's default there), one copy for both batches.
+    # The "default_layouts" experiment times plain jax.jit on default layouts.
+    use_layouts = runner.options.get("param_layouts", True)
+    info["param_layouts"] = "chosen" if use_layouts else "default"
+    unet_layouts = layouts.LayoutCache(0, lambda e: info.update(param_layouts_error=e[:1000]))
+    held = {"unet": params16["unet"]}
 
     def unet_call(x, t, ctx):
+        if use_layouts and unet_layouts.failed is None:
+            done = unet_layouts.call(x.shape, unet_apply, (held["unet"], x, t, ctx))
+            if done is not None:
+                out, (held["unet"], *_) = done
+                return out
         return unet_fn(params16["unet"], x, t, ctx)
 
     def unet_compiled(x, t, ctx):
         # After the timed calls, so the first call's time still includes the compile
         # (lower().compile() shares the jit's executable cache).
+        if use_layouts and x.shape in unet_layouts._compiled:
+            return unet_layouts._compiled[x.shape]
         return unet_fn.lower(params16["unet"], x, t, ctx).compile()
 
     def model_flops(fn, *args) -> float:
@@ -598,6 +641,8 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             ),
         )
 
+    if unet_layouts.formats is not None:
+        info["param_layouts_moved"] = moved_layouts(unet_layouts.formats)
     x, t, ctx = unet_inputs["unet_b16"]
     profile(
         "unet_b16",
@@ -634,9 +679,31 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         def build_step():
             train["state"] = init_state(params32, tx, step_cfg, jax.random.key(0))
             train["step"] = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+            train.pop("compiled", None)
+
+        def compile_with_state_layouts():
+            """The step with the state in layouts XLA picks, in and out (donated)."""
+            state = train["state"]
+            auto = layouts.auto_formats(state)
+            compiled, (train["state"], *_) = layouts.compile_with_layouts(
+                make_train_step(config, step_cfg, tx),
+                (state, batch, step_rng),
+                (0,),
+                donate_argnums=(0,),
+                out_shardings=(auto, None),
+            )
+            train["compiled"] = compiled
+            info["train_layouts_moved"] = moved_layouts(compiled.input_formats[0][0])
+            # The step's output state must come back in the layouts it reads.
+            info["train_layouts_out_differ"] = len(
+                layouts.format_differences(compiled.output_formats[0], compiled.input_formats[0][0])
+            )
 
         def train_step():
-            train["state"], metrics = train["step"](train["state"], batch, step_rng)
+            if runner.options.get("train_layouts") and "compiled" not in train:
+                compile_with_state_layouts()
+            step = train.get("compiled", train["step"])
+            train["state"], metrics = step(train["state"], batch, step_rng)
             return train["state"], metrics
 
         build_step()
@@ -654,14 +721,20 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             "train_step",
             train_step,
             2,
-            hlo=lambda: train["step"].lower(train["state"], batch, step_rng).compile().as_text(),
+            hlo=lambda: (
+                train["compiled"]
+                if "compiled" in train
+                else train["step"].lower(train["state"], batch, step_rng).compile()
+            ).as_text(),
         )
         train.clear()
     else:
         runner.skip("train_step", runner.skip_reason("train_step"))
 
     if runner.wants("t2i"):
-        pipe = StableDiffusion(config, params16, tokenizer, dtype=bf16)
+        pipe = StableDiffusion(
+            config, params16, tokenizer, dtype=bf16, param_layouts=None if use_layouts else False
+        )
         noise = _nhwc(_inputs(cfg, "t2i")["noise"])
         t2i = functools.partial(
             pipe.text_to_image,
@@ -675,12 +748,18 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         runner.run("t2i", t2i)
         if fall_back("t2i"):
             runner.run("t2i", t2i)
+        if pipe._layouts is not None:
+            info["t2i_param_layouts"] = pipe._layouts.failed or "chosen"
+        # Which images came out (compare across contenders: the layouts must not
+        # change them beyond bf16 noise).
+        runner.add("t2i", image_mean=lambda: float(np.asarray(t2i(), np.float64).mean()))
     else:
         runner.skip("t2i", runner.skip_reason("t2i"))
 
     # The same UNet with XLA's attention forced through the attention hook: what the
     # default (cuDNN's fused attention where it applies) gains over it.
-    if jax.default_backend() == "gpu" and runner.wants("unet_b16_xla"):
+    named = "unet_b16_xla" in runner.selected  # session 8 measured it: only when named
+    if jax.default_backend() == "gpu" and named and runner.wants("unet_b16_xla"):
 
         def xla_attention(module, q, k, v):
             out = jax.nn.dot_product_attention(q, k, v, scale=module.scale, implementation="xla")
@@ -690,8 +769,24 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         fn = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
         x, t, ctx = unet_inputs["unet_b16"]
         runner.run("unet_b16_xla", lambda: fn(params16["unet"], x, t, ctx))
+    elif not named:
+        runner.skip("unet_b16_xla", "only when named (--items)")
     elif not runner.wants("unet_b16_xla"):
         runner.skip("unet_b16_xla", runner.skip_reason("unet_b16_xla"))
+
+
+def moved_layouts(formats: Any) -> dict[str, Any]:
+    """How many of the arrays in ``formats`` XLA laid out other than row-major, and a
+    few of them (path: major-to-minor order)."""
+    from jax.tree_util import keystr, tree_flatten_with_path
+
+    leaves = tree_flatten_with_path(formats)[0]
+    moved = {}
+    for path, f in leaves:
+        order = tuple(f.layout.major_to_minor) if f.layout is not None else ()
+        if order != tuple(range(len(order))):
+            moved[keystr(path)] = list(order)
+    return {"count": len(moved), "of": len(leaves), "examples": dict(list(moved.items())[:5])}
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
@@ -1088,14 +1183,18 @@ def _worker_main(args: argparse.Namespace) -> None:
         if "patch" in spec:
             module, attr, value = spec["patch"]
             setattr(importlib.import_module(module), attr, value)
+        runner.options.update(spec.get("options", {}))
         runner.result["info"]["variant"] = {
-            k: v for k, v in spec.items() if k not in ("items", "default")
+            k: v for k, v in spec.items() if k not in ("items", "default", "share")
         }
         runner.selected = set(args.items or spec["items"])
     if args.worker in ("jaxdiff", "flax039"):
         import jax
 
         runner.sync = jax.block_until_ready
+        if os.environ.get(ENV_XLA_CACHE):
+            jax.config.update("jax_compilation_cache_dir", os.environ[ENV_XLA_CACHE])
+        runner.result["info"]["xla_cache"] = os.environ.get(ENV_XLA_CACHE) or "none"
     if args.worker == "jaxdiff":
         _worker_jaxdiff(cfg, runner, work)
     elif args.worker == "flax039":
@@ -1192,7 +1291,9 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="jaxdiff-gpu-"))
-    contenders = [c for c in CONTENDERS if not args.contenders or c in args.contenders]
+    notes: list[str] = []
+    # In the order given (the first ones get their share first), else CONTENDERS'.
+    contenders = list(dict.fromkeys(args.contenders or CONTENDERS))
     # By default all experiments, when jaxdiff itself runs (and not in --tiny smoke runs).
     default = [v for v, spec in VARIANTS.items() if spec.get("default", True)]
     if args.tiny or "jaxdiff" not in contenders:
@@ -1201,7 +1302,11 @@ def run(args: argparse.Namespace) -> dict:
     if variants:
         at = contenders.index("jaxdiff") + 1 if "jaxdiff" in contenders else 0
         contenders[at:at] = [f"jaxdiff+{v}" for v in variants]
-    notes: list[str] = []
+        if not args.tiny and any(not VARIANTS[v].get("cold") for v in variants):
+            notes.append(
+                "experiments compile with the run's XLA cache (jaxdiff's autotuning reused): "
+                "their compile times are not cold ones, except t2i_cold's"
+            )
 
     wheels = Path(args.wheels)
     pypaths: dict[str, str | None] = {"jaxdiff": None}
@@ -1215,7 +1320,11 @@ def run(args: argparse.Namespace) -> dict:
         pypaths["flax039"] = None
 
     results: dict[str, dict] = {}
-    share = lambda c: VARIANT_SHARE if "+" in c else SHARES[c]  # noqa: E731
+
+    def share(c: str) -> float:
+        base, _, variant = c.partition("+")
+        return VARIANTS[variant].get("share", VARIANT_SHARE) if variant else SHARES[base]
+
     for i, c in enumerate(contenders):
         base, _, variant = c.partition("+")
         now = time.time()
@@ -1239,6 +1348,12 @@ def run(args: argparse.Namespace) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [extra, str(common.REPO), os.environ.get("PYTHONPATH", "")] if p
         )
+        if base == "jaxdiff" and not (variant and VARIANTS[variant].get("cold")):
+            # One persistent XLA cache for the run, empty at its start: jaxdiff's own
+            # compiles are cold; the experiments reuse its autotuning results (JAX
+            # turns on XLA's per-fusion autotune cache beside it), which cuts their
+            # compiles, not their run times.
+            env[ENV_XLA_CACHE] = str(work / "xla-cache")
         if args.tiny:
             env["JAX_PLATFORMS"] = "cpu"
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cpu.py: torch on a shared CPU

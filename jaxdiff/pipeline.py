@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdiff import samplers
+from jaxdiff import layouts, samplers
 from jaxdiff.denoisers import classifier_free_guidance
 from jaxdiff.models.autoencoder import scale_latents, vae_encode
 from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
@@ -195,6 +196,15 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
 _generate_jit = jax.jit(generate, static_argnames=("spec",))
 
 
+def _layout_warning(error: str) -> None:
+    warnings.warn(
+        f"could not compile with compiler-chosen parameter layouts ({error}); "
+        "using the default layouts",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def _split_over_mesh(x: jax.Array, mesh: Mesh | None, axis: int) -> jax.Array:
     """Constrain ``x``'s ``axis`` to be split over ``mesh``'s devices where it divides.
 
@@ -286,6 +296,11 @@ class StableDiffusion:
       tokenizer: a transformers ``CLIPTokenizer``.
       dtype: compute (and parameter) dtype.
       mesh: the 1-D device mesh ``("data",)`` batches are sharded over.
+
+    ``param_layouts``: True lets XLA choose the parameters' memory layouts at the first
+    call and moves them there (:mod:`jaxdiff.layouts`: no per-call kernel transposes
+    on GPU), False keeps the default row-major ones, None (default) does the first on
+    the backends in ``layouts.AUTO_BACKENDS``.
     """
 
     def __init__(
@@ -296,6 +311,7 @@ class StableDiffusion:
         *,
         dtype: Any = jnp.float32,
         devices: Sequence[Any] | None = None,
+        param_layouts: bool | None = None,
     ):
         dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -308,6 +324,9 @@ class StableDiffusion:
         self.params = jax.device_put(
             jax.tree.map(lambda a: np.asarray(a).astype(dtype), params), replicated
         )
+        if param_layouts is None:
+            param_layouts = jax.default_backend() in layouts.AUTO_BACKENDS
+        self._layouts = layouts.LayoutCache(0, _layout_warning) if param_layouts else None
 
     # -- loading and saving ----------------------------------------------------------
 
@@ -320,6 +339,7 @@ class StableDiffusion:
         variant: str | None = None,
         allow_pickle: bool = False,
         devices: Sequence[Any] | None = None,
+        param_layouts: bool | None = None,
     ) -> StableDiffusion:
         """Load a diffusers-format directory (no torch needed for safetensors weights)."""
         from transformers import CLIPTokenizer
@@ -328,7 +348,9 @@ class StableDiffusion:
             path, variant=variant, allow_pickle=allow_pickle
         )
         tokenizer = CLIPTokenizer.from_pretrained(Path(path) / "tokenizer")
-        return cls(config, params, tokenizer, dtype=dtype, devices=devices)
+        return cls(
+            config, params, tokenizer, dtype=dtype, devices=devices, param_layouts=param_layouts
+        )
 
     @classmethod
     def from_single_file(
@@ -339,6 +361,7 @@ class StableDiffusion:
         dtype: Any = jnp.float32,
         allow_pickle: bool = False,
         devices: Sequence[Any] | None = None,
+        param_layouts: bool | None = None,
     ) -> StableDiffusion:
         """Load an original-layout checkpoint; configs and tokenizer come from ``config_dir``
         (a diffusers-format directory of the same model family)."""
@@ -347,7 +370,9 @@ class StableDiffusion:
         config = pretrained.load_config(config_dir)
         params = pretrained.load_single_file(path, config, allow_pickle=allow_pickle)
         tokenizer = CLIPTokenizer.from_pretrained(Path(config_dir) / "tokenizer")
-        return cls(config, params, tokenizer, dtype=dtype, devices=devices)
+        return cls(
+            config, params, tokenizer, dtype=dtype, devices=devices, param_layouts=param_layouts
+        )
 
     def save_pretrained(self, path: str | os.PathLike, sampler: str | None = None) -> Path:
         """Write a diffusers-format directory (fp32 weights)."""
@@ -496,7 +521,15 @@ class StableDiffusion:
             "start_index": np.int32(samplers.start_index_for_strength(spec.plan, float(strength))),
         }
         inputs.update(jax.device_put(scalars, NamedSharding(self.mesh, PartitionSpec())))
-        images = _generate_jit(self.params, inputs, spec=spec)
+        done = None
+        if self._layouts is not None:
+            key = (spec, tuple((k, v.shape, v.dtype, v.sharding) for k, v in inputs.items()))
+            fn = functools.partial(generate, spec=spec)
+            done = self._layouts.call(key, fn, (self.params, inputs))
+        if done is None:
+            images = _generate_jit(self.params, inputs, spec=spec)
+        else:
+            images, (self.params, _) = done
         return np.asarray(jax.device_get(images))[:b]
 
     def text_to_image(self, prompt, **kwargs) -> np.ndarray:

@@ -113,6 +113,7 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
             "jaxdiff",
             "--variants",
             "groupnorm_one_pass",
+            "default_layouts",
             "--items",
             "unet_b2",
             "vae_decode",
@@ -134,6 +135,12 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert variant["info"]["variant"]["patch"][1] == "_ONE_PASS_GROUPNORM"
     assert variant["items"]["vae_decode"]["median_s"] > 0
     assert "+groupnorm_one_pass/jaxdiff" in report["table"]["headers"]
+    # An experiment through the worker's options: the UNet on default layouts (the
+    # jaxdiff row uses the layouts XLA picks).
+    assert report["results"]["jaxdiff"]["info"]["param_layouts"] == "chosen"
+    plain = report["results"]["jaxdiff+default_layouts"]
+    assert plain["info"]["param_layouts"] == "default"
+    assert plain["items"]["unet_b2"]["median_s"] > 0
     files = {f.name for f in tmp_path.iterdir()}
     assert {"gpu.json", "gpu.txt", "gpu.log"} <= files
     assert not any(f.startswith("gpu_") for f in files)  # per-contender logs merged

@@ -350,3 +350,45 @@ def test_mask_shape_mismatch_is_a_clear_error(sd1):
         pipe.inpaint(image, np.zeros((1, 8, 8)), "a cat", progress=False)
     with pytest.raises(ValueError, match="dtype"):
         StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, dtype=jnp.int8)
+
+
+def test_compiler_chosen_param_layouts_give_the_same_images(sd1):
+    _, _, pipe = sd1
+    from jax.experimental.layout import Format, Layout
+
+    from jaxdiff import layouts
+
+    assert pipe._layouts is None  # CPU default: the default layouts
+    laid = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, param_layouts=True)
+    # Every parameter transposed (the CPU compiler would keep the default layouts): the
+    # executable must read them as laid out, and the pipeline keep them there.
+    forced = jax.tree.map(
+        lambda a: Format(Layout(major_to_minor=tuple(reversed(range(a.ndim)))), a.sharding),
+        laid.params,
+    )
+    laid._layouts.formats = forced
+    for sampler in ("ddim", "euler"):  # two executables, one copy of the params
+        kw = dict(steps=3, sampler=sampler, progress=False)
+        np.testing.assert_array_equal(
+            laid.text_to_image(PROMPTS, seed=4, **kw), pipe.text_to_image(PROMPTS, seed=4, **kw)
+        )
+    assert len(laid._layouts._compiled) == 2 and laid._layouts.failed is None
+    for net in ("unet", "text_encoder"):  # (arguments text-to-image leaves unused, such
+        # as the VAE encoder's, keep the layouts XLA reports for them: the default)
+        assert layouts.layouts_differ(laid.params[net], forced[net]) == []
+        assert layouts.layouts_differ(pipe.params[net], forced[net])  # the plain one's differ
+
+
+def test_param_layouts_fall_back_with_a_warning(sd1, monkeypatch):
+    _, _, pipe = sd1
+    from jaxdiff import layouts
+
+    def refuse(*a, **k):
+        raise NotImplementedError("no layouts on this backend")
+
+    monkeypatch.setattr(layouts, "compile_with_layouts", refuse)
+    laid = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, param_layouts=True)
+    kw = dict(steps=2, sampler="euler", progress=False)
+    with pytest.warns(RuntimeWarning, match="no layouts on this backend"):
+        a = laid.text_to_image(PROMPTS[0], seed=1, **kw)
+    np.testing.assert_array_equal(a, pipe.text_to_image(PROMPTS[0], seed=1, **kw))
