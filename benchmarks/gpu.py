@@ -111,9 +111,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "patch": ("jaxdiff.models.layers", "_SUBPIXEL_UPSAMPLE", True),
         "items": ("unet_b16",),
     },
-    # The train step's ~1200 small kernels per step (per-leaf norms and updates) as
-    # CUDA graphs: the H200 profile had ~13 ms per step between kernels.
-    "train_command_buffers": {
+    # train_layouts plus CUDA graphs for the step's ~1200 small kernels (per-leaf
+    # norms and updates): the H200 profile had ~13 ms per step between kernels.
+    "train_layouts_command_buffers": {
+        "options": {"train_layouts": True},
         "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
         "items": ("train_step",),
         "share": 3.0,
