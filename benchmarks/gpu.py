@@ -61,48 +61,73 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/gpu.py
 from benchmarks import common  # noqa: E402
 
 CONTENDERS = ("jaxdiff", "torch", "flax039", "torch_compile")
-# Share of the time budget per contender (the unused part of one passes on to the next).
-# jaxdiff's own items take ~250 s on an H200 (the train step's compile ~100 s).
-SHARES = {"jaxdiff": 14.0, "torch": 1.5, "flax039": 3.0, "torch_compile": 1.5}
+# Seconds each contender needs for all its items on an H200 (session 9: jaxdiff's own
+# took 255 s, the train step's compile ~110 s of it; a worker's start ~15 s). Each
+# runs until its need is used up or the budget ends, in order: the later ones are
+# cut when the budget runs out.
+NEEDS_S = {"jaxdiff": 280.0, "torch": 60.0, "flax039": 150.0, "torch_compile": 100.0}
 # Experiments: the jaxdiff worker again with one change, on a few items, as the
 # contender "jaxdiff+NAME" (run after jaxdiff, before the peers). "patch" sets a
-# module constant before anything is traced; "xla_flags" is appended to XLA_FLAGS.
+# module constant before anything is traced; "xla_flags" is appended to XLA_FLAGS;
+# "options" go to the jaxdiff worker (runner.options); "need_s" as NEEDS_S
+# (VARIANT_NEED_S unless given); "cold": no shared XLA cache. Run in this order;
+# "default": False marks the ones that run only when named (--variants).
 VARIANTS: dict[str, dict[str, Any]] = {
-    # Measured results (H200, session 8) are in benchmarks/NOTES.md; "default": False
-    # marks the ones that run only when named (--variants); "options" go to the
-    # jaxdiff worker (runner.options); "share" is the part of the time budget (1.0
-    # unless given; jaxdiff's own is SHARES["jaxdiff"]). Run in this order.
+    # Measured results (H200, sessions 8 and 9) are in benchmarks/NOTES.md.
     #
-    # The train step with its state (fp32 params, AdamW moments) in layouts XLA picks
-    # (jaxdiff.layouts), in and out: the H200 profile had ~7 ms per step of transposes
-    # (conv kernels to cuDNN's [out, h, w, in] on the way in, their gradients back).
-    "train_layouts": {"options": {"train_layouts": True}, "items": ("train_step",), "share": 3.0},
-    # The UNet and the sampler with the parameters in the default layouts: what the
-    # chosen layouts (now the GPU default: jaxdiff.layouts, the pipeline's
-    # param_layouts) gain, in the same run.
-    "default_layouts": {
-        "options": {"param_layouts": False},
-        "items": ("unet_b2", "unet_b16", "t2i"),
-        "share": 2.0,
+    # GEGLU with jax.nn.gelu (the erfc form) instead of layers.gelu_erf: the train step
+    # went 94.8 -> 104.1 ms between the session-8 and session-9 runs, with new slow
+    # transpose fusions in its backward (13 ms per step); the erf GELU is one of the
+    # changes in between (the UNet forward's GEGLU product went 2.3 -> 1.3 ms with it).
+    "geglu_jax_gelu": {
+        "patch": ("jaxdiff.models.attention", "_GEGLU_GELU", "jax"),
+        "items": ("train_step", "unet_b16"),
+        "need_s": 170.0,
     },
     # The sampler's first compile in a process that has compiled nothing else (in the
     # jaxdiff worker it follows the UNet's and the VAE's, whose autotuning XLA keeps in
-    # process memory; "cold": without the run's shared XLA cache either): the compile
-    # goal's honest figure.
-    "t2i_cold": {"items": ("t2i",), "cold": True},
+    # process memory; "cold": without the experiments' shared XLA cache either): the
+    # compile goal's honest figure.
+    "t2i_cold": {"items": ("t2i",), "cold": True, "need_s": 60.0},
+    # The UNet with its parameters in the layouts XLA picks (jaxdiff.layouts; the
+    # pipeline's param_layouts=True). Session 9: the 98 per-call kernel transposes
+    # (1.1 ms of GPU time per call) were gone, the wall time was not lower (b2 10.4 vs
+    # 10.3 ms, b16 36.5 vs 35.5 ms, across processes); the rerun is in one run.
+    "param_layouts": {
+        "options": {"param_layouts": True},
+        "items": ("unet_b2", "unet_b16"),
+        "need_s": 80.0,
+    },
     # CUDA graphs for the convolutions and loops too: XLA's default command buffers
     # (fusions, cuBLAS, cuDNN graphs, custom calls) leave every cuDNN convolution a
-    # separate launch. Session 8: UNet b2 10.1 -> 9.8 ms, b16 unchanged; now also the
-    # sampler, whose 50-step loop could run as one graph (WHILE).
+    # separate launch. Session 8: UNet b2 10.1 -> 9.8 ms, b16 unchanged. Session 9 (with
+    # compiler-chosen parameter layouts, then the default): cuDNN failed to record a
+    # convolution into the graph (status 5003). Now the sampler, whose 50-step loop
+    # could run as one graph (WHILE).
     "command_buffers": {
         "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
-        "items": ("unet_b2", "t2i"),
-        "share": 1.5,
+        "items": ("t2i",),
+        "need_s": 60.0,
+    },
+    # No command buffers at all (every kernel its own launch). Session 9: a batch-16
+    # call's device span was 32.2 ms of its 36.5 ms wall time; the ~4 ms before the
+    # first kernel and after the last are host time, part of which may be XLA updating
+    # its ~78 CUDA graphs per call with new buffer addresses.
+    "no_command_buffers": {
+        "xla_flags": "--xla_gpu_enable_command_buffer=",
+        "items": ("unet_b2", "unet_b16"),
+        "need_s": 80.0,
     },
     # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
     # fuse into the matmuls that read them (2.3 + 3.2 ms of elementwise kernels in the
     # batch-16 UNet on the H200); the risk is slower matmuls than cuBLAS's.
     "triton_gemm_any": {"xla_flags": "--xla_gpu_triton_gemm_any=true", "items": ("unet_b16",)},
+    # XLA's experimental fusion of elementwise producers into cuDNN convolutions (the
+    # GroupNorm-apply + SiLU that feed each 3x3 conv: ~2.4 ms of the batch-16 UNet).
+    "conv_fusion": {
+        "xla_flags": "--xla_gpu_experimental_enable_conv_fusion=true",
+        "items": ("unet_b16",),
+    },
     # The sub-pixel form of nearest x2 upsampling + 3x3 conv for every upsampler,
     # the UNet's too (the GPU default takes it from 64x64 inputs: the VAE's, measured
     # 42.2 -> 39.5 ms in session 8). The UNet's three upsamplers are ~8 % of its FLOPs
@@ -111,19 +136,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "patch": ("jaxdiff.models.layers", "_SUBPIXEL_UPSAMPLE", True),
         "items": ("unet_b16",),
     },
+    # The train step with its state (fp32 params, AdamW moments) in layouts XLA picks
+    # (jaxdiff.layouts), in and out: the session-8 profile had ~7 ms per step of
+    # transposes. Session 9: 124.9 ms (n=1) against 104.1 ms, another process.
+    "train_layouts": {
+        "options": {"train_layouts": True},
+        "items": ("train_step",),
+        "need_s": 150.0,
+        "default": False,
+    },
     # train_layouts plus CUDA graphs for the step's ~1200 small kernels (per-leaf
-    # norms and updates): the H200 profile had ~13 ms per step between kernels.
+    # norms and updates). Session 9: cut at its deadline before its first step.
     "train_layouts_command_buffers": {
         "options": {"train_layouts": True},
         "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
         "items": ("train_step",),
-        "share": 3.0,
-    },
-    # XLA's experimental fusion of elementwise producers into cuDNN convolutions (the
-    # GroupNorm-apply + SiLU that feed each 3x3 conv: ~2.4 ms of the batch-16 UNet).
-    "conv_fusion": {
-        "xla_flags": "--xla_gpu_experimental_enable_conv_fusion=true",
-        "items": ("unet_b16",),
+        "need_s": 150.0,
+        "default": False,
     },
     # One read of x for both GroupNorm sums instead of two. Session 8: UNet b16
     # unchanged (36.6 vs 36.5 ms), VAE 40.3 vs 42.2 ms from a single timed call.
@@ -161,7 +190,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "default": False,
     },
 }
-VARIANT_SHARE = 1.0
+VARIANT_NEED_S = 45.0
 # The run's shared XLA cache directory, for the jaxdiff workers (see run()).
 ENV_XLA_CACHE = "JAXDIFF_BENCH_XLA_CACHE"
 # Items in priority order per contender; names are shared so the table lines up.
@@ -546,10 +575,13 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     # The attention kernel is picked (from JAXDIFF_ATTENTION) when this is traced.
     unet_fn = jax.jit(unet_apply)
-    # The UNet as the library runs it on GPU: parameters in the layouts XLA picks
-    # (jaxdiff.layouts; the pipeline's default there), one copy for both batches.
-    # The "default_layouts" experiment times plain jax.jit on default layouts.
-    use_layouts = runner.options.get("param_layouts", True)
+    # With the "param_layouts" option (the experiment of that name; the default where
+    # the library makes it one, layouts.AUTO_BACKENDS), the UNet runs as the pipeline's
+    # param_layouts=True does: parameters in the layouts XLA picks, one copy for both
+    # batches; otherwise plain jax.jit.
+    use_layouts = runner.options.get(
+        "param_layouts", jax.default_backend() in layouts.AUTO_BACKENDS
+    )
     info["param_layouts"] = "chosen" if use_layouts else "default"
     unet_layouts = layouts.LayoutCache(0, lambda e: info.update(param_layouts_error=e[:1000]))
     held = {"unet": params16["unet"]}
@@ -601,7 +633,10 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             jax.profiler.stop_trace()
             keep = runner.path.parent / f"jaxdiff_{item}.trace.json.gz" if files and main else None
             text = hlo() if hlo is not None else None
-            summary = profile_summary(trace_dir, keep, hlo_text=text)
+            summary = profile_summary(trace_dir, keep, hlo_text=text, calls=calls)
+            if summary.get("span_ms"):  # wall time beyond the device's: host time
+                wall_ms = runner.result["items"][item]["median_s"] * 1e3
+                summary["host_ms"] = round(wall_ms - float(np.median(summary["span_ms"])), 3)
             info.setdefault("profile", {})[item] = dict(summary, calls=calls)
             if keep is not None and text:
                 hlo_file = runner.path.parent / f"jaxdiff_{item}.hlo.txt.gz"
@@ -644,6 +679,9 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     if unet_layouts.formats is not None:
         info["param_layouts_moved"] = moved_layouts(unet_layouts.formats)
+    # Batch 2: how much of a call is host time (its wall time minus the device span).
+    x, t, ctx = unet_inputs["unet_b2"]
+    profile("unet_b2", functools.partial(unet_call, x, t, ctx), 5)
     x, t, ctx = unet_inputs["unet_b16"]
     profile(
         "unet_b16",
@@ -822,8 +860,33 @@ def kernel_kind(kernel: str, op_name: str | None) -> str:
     return f"{where}{phase}: {role + '/' if role else ''}{leaf}"
 
 
+def device_spans(events: list[dict], device: set, calls: int) -> list[float]:
+    """Milliseconds from each traced call's first device kernel to its last: the
+    device events split at their ``calls - 1`` widest gaps. What a call's wall time
+    has beyond its span is host time (argument handling, launch, synchronisation)."""
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+        for e in events
+        if e.get("ph") == "X" and "ts" in e and (not device or e.get("pid") in device)
+    )
+    if not spans or calls < 1:
+        return []
+    ends = np.maximum.accumulate([b for _, b in spans])
+    gaps = [(spans[i + 1][0] - ends[i], i) for i in range(len(spans) - 1)]
+    cuts = sorted(i for _, i in sorted(gaps, reverse=True)[: calls - 1])
+    out, start = [], 0
+    for i in [*cuts, len(spans) - 1]:
+        out.append((ends[i] - spans[start][0]) / 1e3)
+        start = i + 1
+    return [round(float(x), 3) for x in out]
+
+
 def profile_summary(
-    trace_dir: Path, out_file: Path | None, top: int = 25, hlo_text: str | None = None
+    trace_dir: Path,
+    out_file: Path | None,
+    top: int = 25,
+    hlo_text: str | None = None,
+    calls: int = 0,
 ) -> dict:
     """Device time per kernel from a ``jax.profiler`` trace (perfetto JSON).
 
@@ -831,7 +894,9 @@ def profile_summary(
     "device"; all tracks when there are none, as on CPU) by kernel name, and, with
     the executable's optimized ``hlo_text``, by :func:`kernel_kind`. Copies the trace
     to ``out_file`` if given. Returns {"total_ms", "top": [[name, ms, count], ...],
-    "by_kind": [[kind, ms, count], ...], "mapped_ms"} (over all traced calls).
+    "by_kind": [[kind, ms, count], ...], "mapped_ms"} (over all traced calls), and with
+    ``calls`` (how many calls the trace holds) and a device track, "span_ms":
+    :func:`device_spans`.
     """
     import shutil
 
@@ -861,6 +926,8 @@ def profile_summary(
         "total_ms": sum(v[0] for v in totals.values()),
         "top": [[n, round(ms, 3), c] for n, (ms, c) in ranked[:top]],
     }
+    if calls and device:  # (a CPU trace has no device track to split)
+        summary["span_ms"] = device_spans(events, device, calls)
     if hlo_text:
         ops = hlo_op_names(hlo_text)
         kinds: dict[str, list[float]] = {}
@@ -1186,7 +1253,7 @@ def _worker_main(args: argparse.Namespace) -> None:
             setattr(importlib.import_module(module), attr, value)
         runner.options.update(spec.get("options", {}))
         runner.result["info"]["variant"] = {
-            k: v for k, v in spec.items() if k not in ("items", "default", "share")
+            k: v for k, v in spec.items() if k not in ("items", "default", "need_s")
         }
         runner.selected = set(args.items or spec["items"])
     if args.worker in ("jaxdiff", "flax039"):
@@ -1305,8 +1372,8 @@ def run(args: argparse.Namespace) -> dict:
         contenders[at:at] = [f"jaxdiff+{v}" for v in variants]
         if not args.tiny and any(not VARIANTS[v].get("cold") for v in variants):
             notes.append(
-                "experiments compile with the run's XLA cache (jaxdiff's autotuning reused): "
-                "their compile times are not cold ones, except t2i_cold's"
+                "experiments share one XLA cache (autotuning results reused): their "
+                "compile times are not cold ones, except t2i_cold's"
             )
 
     wheels = Path(args.wheels)
@@ -1322,11 +1389,11 @@ def run(args: argparse.Namespace) -> dict:
 
     results: dict[str, dict] = {}
 
-    def share(c: str) -> float:
+    def need_s(c: str) -> float:
         base, _, variant = c.partition("+")
-        return VARIANTS[variant].get("share", VARIANT_SHARE) if variant else SHARES[base]
+        return VARIANTS[variant].get("need_s", VARIANT_NEED_S) if variant else NEEDS_S[base]
 
-    for i, c in enumerate(contenders):
+    for c in contenders:
         base, _, variant = c.partition("+")
         now = time.time()
         if now > end - 10:
@@ -1342,17 +1409,17 @@ def run(args: argparse.Namespace) -> dict:
         if c == "torch_compile" and args.tiny and not args.contenders:
             notes.append("torch_compile: skipped in --tiny mode unless named in --contenders")
             continue
-        rest = sum(share(x) for x in contenders[i:])
-        deadline = now + (end - now) * share(c) / rest
+        deadline = min(now + need_s(c), end)
         result_path = out / f"gpu_{c}.json"
         env = common.worker_env()
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [extra, str(common.REPO), os.environ.get("PYTHONPATH", "")] if p
         )
-        if base == "jaxdiff" and not (variant and VARIANTS[variant].get("cold")):
-            # One persistent XLA cache for the run, empty at its start: jaxdiff's own
-            # compiles are cold; the experiments reuse its autotuning results (JAX
-            # turns on XLA's per-fusion autotune cache beside it), which cuts their
+        if variant and not VARIANTS[variant].get("cold"):
+            # One persistent XLA cache for the run's experiments, empty at its start
+            # (jaxdiff's own worker runs without one, as a user's first process): the
+            # later experiments reuse the earlier ones' autotuning results (JAX turns
+            # on XLA's per-fusion autotune cache beside it), which cuts their
             # compiles, not their run times.
             env[ENV_XLA_CACHE] = str(work / "xla-cache")
         if args.tiny:

@@ -10,8 +10,9 @@ parameters into those layouts once takes the transposes out of every later call.
 
 :func:`compile_with_layouts` does that for any function; :class:`LayoutCache` keeps
 the layouts the first compile chose and gives them to later compiles (other shapes,
-other samplers) so one copy of the parameters serves them all.
-:class:`~jaxdiff.pipeline.StableDiffusion` uses it on GPU (``param_layouts``).
+other samplers) so one copy of the parameters serves them all;
+:class:`~jaxdiff.pipeline.StableDiffusion` uses it with ``param_layouts=True``. Off by
+default: see ``AUTO_BACKENDS`` for what an H200 showed.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from typing import Any
 import jax
 from jax.experimental.layout import Format, Layout
 
-# Where the pipeline lets XLA pick the parameters' layouts by default: where the
-# default layouts cost transposes (GPU convolutions). The CPU's preferred layouts are
-# the default ones (nothing to gain); TPUs are untested here.
-AUTO_BACKENDS = ("gpu",)
+# Where the pipeline lets XLA pick the parameters' layouts by default: none. On an
+# H200 (session 9) XLA moved the UNet's 98 conv kernels to [out, h, w, in] and the
+# per-call transposes (1.1 ms of GPU time) went away, but the wall time of a UNet call
+# did not drop (b2 10.4 vs 10.3 ms, b16 36.5 vs 35.5 ms, in different processes), the
+# sampler's compile was slower (29.8 vs 19.9 s, different runs) and cuDNN failed to
+# record a convolution into a CUDA graph with the command-buffer flag set. The CPU's
+# preferred layouts are the default ones; TPUs are untested here.
+AUTO_BACKENDS: tuple[str, ...] = ()
 
 
 def _arg_shardings(arg: Any) -> Any:

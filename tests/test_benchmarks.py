@@ -113,7 +113,7 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
             "jaxdiff",
             "--variants",
             "groupnorm_one_pass",
-            "default_layouts",
+            "param_layouts",
             "--items",
             "unet_b2",
             "vae_decode",
@@ -135,15 +135,33 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert variant["info"]["variant"]["patch"][1] == "_ONE_PASS_GROUPNORM"
     assert variant["items"]["vae_decode"]["median_s"] > 0
     assert "+groupnorm_one_pass/jaxdiff" in report["table"]["headers"]
-    # An experiment through the worker's options: the UNet on default layouts (the
-    # jaxdiff row uses the layouts XLA picks).
-    assert report["results"]["jaxdiff"]["info"]["param_layouts"] == "chosen"
-    plain = report["results"]["jaxdiff+default_layouts"]
-    assert plain["info"]["param_layouts"] == "default"
-    assert plain["items"]["unet_b2"]["median_s"] > 0
+    # An experiment through the worker's options: the UNet with the parameters in the
+    # layouts XLA picks (the jaxdiff row: the library's default, plain layouts).
+    assert report["results"]["jaxdiff"]["info"]["param_layouts"] == "default"
+    laid = report["results"]["jaxdiff+param_layouts"]
+    assert laid["info"]["param_layouts"] == "chosen"
+    assert laid["info"]["param_layouts_moved"]["of"] > 0  # formats were read back
+    assert laid["items"]["unet_b2"]["median_s"] > 0
     files = {f.name for f in tmp_path.iterdir()}
     assert {"gpu.json", "gpu.txt", "gpu.log"} <= files
     assert not any(f.startswith("gpu_") for f in files)  # per-contender logs merged
+
+
+def test_gpu_device_spans_split_calls_at_the_widest_gaps():
+    """Two calls on the device: kernels 0-3 ms (one overlapping another) and 10-14 ms;
+    the host track does not count."""
+    k = lambda ts, dur, pid=1: {"ph": "X", "pid": pid, "ts": ts, "dur": dur}  # noqa: E731
+    events = [
+        k(0, 1000),
+        k(1200, 1800),
+        k(1500, 500),  # inside the one before: no gap after it
+        k(10000, 3000),
+        k(13100, 900),
+        k(5000, 90000, pid=2),  # host work
+    ]
+    assert gpu.device_spans(events, {1}, 2) == [3.0, 4.0]
+    assert gpu.device_spans(events, {1}, 1) == [14.0]
+    assert gpu.device_spans([], {1}, 2) == []
 
 
 def test_gpu_profile_summary_buckets_kernels(tmp_path):

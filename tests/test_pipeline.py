@@ -358,7 +358,7 @@ def test_compiler_chosen_param_layouts_give_the_same_images(sd1):
 
     from jaxdiff import layouts
 
-    assert pipe._layouts is None  # CPU default: the default layouts
+    assert pipe._layouts is None  # the default: default layouts
     laid = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, param_layouts=True)
     # Every parameter transposed (the CPU compiler would keep the default layouts): the
     # executable must read them as laid out, and the pipeline keep them there.

@@ -50,6 +50,11 @@ __all__ = [
 
 # Environment variable that picks the GPU attention kernel: auto (default), xla, cudnn.
 ENV_ATTENTION = "JAXDIFF_ATTENTION"
+# GEGLU's GELU: "erf" (layers.gelu_erf, PyTorch's form in fp32) or "jax"
+# (jax.nn.gelu(approximate=False), the erfc form, before session 9). An experiment
+# switch: the H200 train step went 94.8 -> 104.1 ms between two runs with new slow
+# transposes in its backward, and this is one of the changes in between.
+_GEGLU_GELU = "erf"
 
 
 def dot_product_attention(
@@ -382,6 +387,8 @@ class GEGLU(nn.Module):
         )(x)
         a, gate = jnp.split(h, 2, axis=-1)
         # Exact (erf) GELU, as torch.nn.functional.gelu's default.
+        if _GEGLU_GELU == "jax":
+            return a * jax.nn.gelu(gate, approximate=False)
         return a * gelu_erf(gate)
 
 
