@@ -30,7 +30,7 @@ but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
 transformers 4.57 + its hub/tokenizers pins) and puts each on its own worker's
 PYTHONPATH only.
 
-Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 520 --contenders jaxdiff
+Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 540 --contenders jaxdiff
    then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 240 \
                     --contenders torch torch_compile flax039
 (session 8 on an H200: 470 s and 330 s, 840 s of the 900 device-seconds with the start;
