@@ -780,7 +780,11 @@ def run(args: argparse.Namespace) -> dict:
     # 0.41 s to 8.3 s (measured here); PASSIVE waiting keeps torch at its 1-thread speed.
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    workers: dict[str, common.Worker] = {}
+    # Several worker processes per contender (--processes): one process's speed moves by
+    # up to ~10 % from the next one's (allocator and thread placement), which a single
+    # process per contender turns into a contender's difference. The timed calls go to
+    # the processes in turn and are pooled.
+    workers: dict[str, list[common.Worker]] = {}
     for c in contenders:
         python = str(venv_python) if c == "flax039" else sys.executable
         argv = [python, "-m", "benchmarks.cpu", "--worker", c, "--workdir", str(work)]
@@ -791,20 +795,25 @@ def run(args: argparse.Namespace) -> dict:
         if c == "jaxdiff_cores":
             flags = worker_env.get("XLA_FLAGS", "")
             worker_env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={threads}"
-        workers[c] = common.Worker(c, argv, work / f"worker_{c}.log", worker_env)
-    meter = common.LoadMeter(lambda: [w.proc.pid for w in workers.values()])
+        workers[c] = [
+            common.Worker(c, argv, work / f"worker_{c}_{k}.log", worker_env)
+            for k in range(args.processes)
+        ]
+    meter = common.LoadMeter(lambda: [w.proc.pid for ws in workers.values() for w in ws])
 
     results: dict[str, dict] = {}
     outputs: dict[str, dict[str, str]] = {}
     load: dict[str, Any] = {}
     try:
-        for c, w in list(workers.items()):
+        for c, ws in list(workers.items()):
             print(f"setting up {c} ...", flush=True)
-            r = w.call(cmd="setup")
+            replies = [w.call(cmd="setup") for w in ws]
+            r = next((x for x in replies if "error" in x), replies[0])
             if "error" in r:
                 print(f"  {c} failed: {r.get('traceback', r['error'])}", flush=True)
                 notes.append(f"{c} skipped: setup failed: {r['error']}")
-                w.close()
+                for w in ws:
+                    w.close()
                 del workers[c]
                 continue
             results[c] = {
@@ -818,8 +827,11 @@ def run(args: argparse.Namespace) -> dict:
             meter.start()
             firsts: dict[str, float] = {}
             times: dict[str, list[float]] = {c: [] for c in workers}
-            for c, w in workers.items():
-                r = w.call(cmd="call", item=item, save=True)
+            for c, ws in workers.items():
+                # The first call (compile) in every process; the first process's output
+                # is the one compared with the other contenders'.
+                replies = [w.call(cmd="call", item=item, save=k == 0) for k, w in enumerate(ws)]
+                r = next((x for x in replies if "error" in x), replies[0])
                 if "error" in r:
                     print(f"  {item}/{c} failed: {r['error']}", flush=True)
                     results[c]["items"][item] = {"error": r["error"]}
@@ -827,10 +839,11 @@ def run(args: argparse.Namespace) -> dict:
                 firsts[c] = r["time_s"]
                 outputs.setdefault(item, {})[c] = r["output"]
             order = [c for c in workers if c in firsts]
-            for rep in range(n):
+            for rep in range(n * args.processes):
                 k = rep % max(len(order), 1)
                 for c in order[k:] + order[:k]:
-                    r = workers[c].call(cmd="call", item=item)
+                    ws = workers[c]
+                    r = ws[rep % len(ws)].call(cmd="call", item=item)
                     if "error" not in r:
                         times[c].append(r["time_s"])
             load[item] = meter.read()
@@ -848,8 +861,9 @@ def run(args: argparse.Namespace) -> dict:
                 flush=True,
             )
     finally:
-        for w in workers.values():
-            w.close()
+        for ws in workers.values():
+            for w in ws:
+                w.close()
 
     agreement = _agreement(outputs, items)
     text, rows, goals = _report(results, items, agreement)
@@ -862,6 +876,7 @@ def run(args: argparse.Namespace) -> dict:
         "omp_wait_policy": args.omp_wait_policy,
         "candidate": args.candidate,
         "repeats": {"fast": args.repeats, "slow": args.repeats_slow},
+        "processes": args.processes,
         "spec": spec,
         "results": results,
         "agreement": agreement,
@@ -896,6 +911,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="small", choices=sorted(CONFIGS))
     p.add_argument("--repeats", type=int, default=4, help="timed calls per fast item")
     p.add_argument("--repeats-slow", type=int, default=2, help="timed calls of train/t2i")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes per contender; each takes the repeats (pooled)",
+    )
     p.add_argument("--items", nargs="*", choices=ITEMS, help="subset of items (default all)")
     p.add_argument("--contenders", nargs="*", choices=CONTENDERS, help="subset (default all)")
     p.add_argument("--peer-venv", default=str(DEFAULT_VENV), help="diffusers-Flax 0.39 venv")

@@ -57,6 +57,8 @@ def test_cpu_benchmark_jaxdiff_tiny(tmp_path):
             "1",
             "--repeats-slow",
             "1",
+            "--processes",
+            "2",
             "--workdir",
             str(tmp_path / "work"),
             "--out",
@@ -73,13 +75,15 @@ def test_cpu_benchmark_jaxdiff_tiny(tmp_path):
         assert set(items) == {"unet_b2", "train_step", "t2i_20"}
         for item, r in items.items():
             assert "error" not in r, (name, item, r)
-            assert r["n"] == 1 and r["median_s"] > 0 and r["compile_s"] >= 0
+            # one timed call in each of the two worker processes, pooled
+            assert r["n"] == 2 and r["median_s"] > 0 and r["compile_s"] >= 0
     assert report["goals"]["unet_b2 vs torch"]["met"] is None  # no peer ran
     # Split over devices, the same computation: UNet to fp32 rounding, images to a level.
     agree = report["agreement"]
     assert agree["unet_b2"]["jaxdiff-jaxdiff_cores"]["max_abs_diff"] < 1e-4
     assert agree["t2i_20"]["jaxdiff-jaxdiff_cores"]["max_abs_diff"] <= 1
     work = tmp_path / "work"
+    assert (work / "worker_jaxdiff_0.log").exists() and (work / "worker_jaxdiff_1.log").exists()
     images = np.load(work / "out_jaxdiff_t2i_20.npy")
     spec = json.loads((work / "spec.json").read_text())
     assert images.dtype == np.uint8 and images.shape[0] == spec["batches"]["t2i_20"]
