@@ -27,7 +27,13 @@ per core (``--xla_force_host_platform_device_count``): the same calls with their
 batches split over the devices (a user's choice on a CPU host; see README
 "Speed"). The peers run as their users would, on one device.
 
-Run:  python -m benchmarks.cpu [--repeats 5] [--out benchmarks/results/cpu.json]
+``--processes N`` starts N worker processes per contender and sends the timed calls
+to them in turn (pooled medians): separate processes of one contender differ by up
+to ~10 % here, enough to decide a goal that sits on the line. It multiplies the memory
+too: two processes of all four contenders ran the 24 GiB machine out of memory in
+diffusers-Flax's train step; name fewer contenders or items.
+
+Run:  python -m benchmarks.cpu [--repeats 5] [--processes 2] [--out benchmarks/results/cpu.json]
 """
 
 from __future__ import annotations
