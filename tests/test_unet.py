@@ -895,3 +895,19 @@ def test_gelu_erf_is_torch_gelu():
     refb = torch.nn.functional.gelu(torch.from_numpy(np.asarray(xb, np.float32))).numpy()
     # One rounding to bf16 of the fp32 value: within half a bf16 ulp (2^-8 relative).
     np.testing.assert_allclose(np.asarray(outb, np.float32), refb, rtol=2**-8, atol=1e-6)
+
+
+def test_geglu_gelu_switch_computes_the_same_function(monkeypatch):
+    """The benchmark's ``geglu_jax_gelu`` experiment swaps GEGLU's GELU for
+    jax.nn.gelu's erfc form: the same exact GELU in fp32, to rounding."""
+    import jaxdiff.models.attention as attention
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16)) * 3
+    geglu = attention.GEGLU(features=24)
+    params = geglu.init(jax.random.key(1), x)
+    erf_form = geglu.apply(params, x)
+    monkeypatch.setattr(attention, "_GEGLU_GELU", "jax")
+    erfc_form = geglu.apply(params, x)
+    assert erfc_form.shape == (2, 5, 24)
+    assert float(jnp.max(jnp.abs(erfc_form - erf_form))) > 0  # the other code path ran
+    np.testing.assert_allclose(np.asarray(erfc_form), np.asarray(erf_form), rtol=1e-5, atol=1e-5)
