@@ -51,7 +51,7 @@ __all__ = [
 # Environment variable that picks the GPU attention kernel: auto (default), xla, cudnn.
 ENV_ATTENTION = "JAXDIFF_ATTENTION"
 # GEGLU's GELU: "erf" (layers.gelu_erf, PyTorch's form in fp32) or "jax"
-# (jax.nn.gelu(approximate=False), the erfc form, before session 9). An experiment
+# (jax.nn.gelu(approximate=False), the erfc form used before session 8's change 21). An experiment
 # switch: the H200 train step went 94.8 -> 104.1 ms between two runs with new slow
 # transposes in its backward, and this is one of the changes in between.
 _GEGLU_GELU = "erf"
