@@ -75,6 +75,19 @@ NEEDS_S = {"jaxdiff": 280.0, "torch": 60.0, "flax039": 150.0, "torch_compile": 1
 VARIANTS: dict[str, dict[str, Any]] = {
     # Measured results (H200, sessions 8 and 9) are in benchmarks/NOTES.md.
     #
+    # Each conv kernel's gradient pinned to the default layout before AdamW (switch
+    # train.step._GRAD_LAYOUT). Session 10's profile: XLA computes each conv kernel's
+    # update in the layout of cuDNN's weight gradient, transposing the fp32 param and
+    # both moments in and out (20 + 5 fusions, 13 ms per step) and copying the results
+    # into the donated buffers (249 memcpy, 3.5 ms); an optimization barrier on the
+    # gradients did not change that (101.5 vs 106.1 ms; the layout went through it).
+    # Predicted: ~-14 ms per step.
+    "train_grad_layout": {
+        "patch": ("jaxdiff.train.step", "_GRAD_LAYOUT", True),
+        "options": {"profile_files": True},
+        "items": ("train_step",),
+        "need_s": 150.0,
+    },
     # GEGLU with jax.nn.gelu (the erfc form) instead of layers.gelu_erf: the train step
     # went 94.8 -> 104.1 ms between the session-8 and session-9 runs, with new slow
     # transpose fusions in its backward (13 ms per step); the erf GELU is one of the
@@ -83,6 +96,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "patch": ("jaxdiff.models.attention", "_GEGLU_GELU", "jax"),
         "items": ("train_step", "unet_b16"),
         "need_s": 170.0,
+    },
+    # No command buffers at all (every kernel its own launch). Session 9: a batch-16
+    # call's device span was 32.2 ms of its 36.5 ms wall time; the ~4 ms before the
+    # first kernel and after the last are host time, part of which may be XLA updating
+    # its ~78 CUDA graphs per call with new buffer addresses.
+    "no_command_buffers": {
+        "xla_flags": "--xla_gpu_enable_command_buffer=",
+        "items": ("unet_b2", "unet_b16"),
+        "need_s": 80.0,
     },
     # The sampler's first compile in a process that has compiled nothing else (in the
     # jaxdiff worker it follows the UNet's and the VAE's, whose autotuning XLA keeps in
@@ -108,15 +130,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "xla_flags": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL",
         "items": ("t2i",),
         "need_s": 60.0,
-    },
-    # No command buffers at all (every kernel its own launch). Session 9: a batch-16
-    # call's device span was 32.2 ms of its 36.5 ms wall time; the ~4 ms before the
-    # first kernel and after the last are host time, part of which may be XLA updating
-    # its ~78 CUDA graphs per call with new buffer addresses.
-    "no_command_buffers": {
-        "xla_flags": "--xla_gpu_enable_command_buffer=",
-        "items": ("unet_b2", "unet_b16"),
-        "need_s": 80.0,
     },
     # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
     # fuse into the matmuls that read them (2.3 + 3.2 ms of elementwise kernels in the
@@ -217,6 +230,10 @@ ITEMS = {
     "flax039": ("unet_b2", "unet_b16", "vae_decode", "train_step", "t2i"),
     "torch_compile": ("unet_b16", "unet_b2"),
 }
+# Items also timed back to back (``_Runner.pipelined``), every contender alike: the
+# per-call times include each call's host work before its first kernel, which a loop
+# that does not wait for each result overlaps with the previous call's kernels.
+PIPELINED = ("unet_b2", "unet_b16", "vae_decode", "train_step")
 ROW_ORDER = (
     "matmul",
     "unet_b2",
@@ -494,8 +511,21 @@ class _Runner:
                 entry[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
         self.save()
 
+    def pipelined(self, fn, calls: int) -> float:
+        """Seconds per call of ``calls`` calls issued back to back with one
+        synchronisation at the end: what a loop that does not wait for each result
+        (a training loop, a batch job) sees, the host's per-call work overlapping
+        the device's. The timed calls (``run``) wait for each result instead."""
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = fn()
+        self.sync(out)
+        return (time.perf_counter() - t0) / calls
+
     def run(self, item: str, fn, extra: dict | None = None) -> None:
-        """First call (compile + run), then repeats until done or out of time."""
+        """First call (compile + run), then repeats until done or out of time; then,
+        for the items in PIPELINED, the same number of calls back to back."""
         if not self.wants(item):
             self.skip(item, self.skip_reason(item))
             return
@@ -515,6 +545,11 @@ class _Runner:
         s = common.summarize(times)
         s["first_call_s"] = first
         s["compile_s"] = max(first - s["median_s"], 0.0)
+        if _base(item) in PIPELINED and time.time() < self.deadline:
+            try:
+                s["pipelined_s"] = self.pipelined(fn, max(len(times), 3))
+            except Exception as e:  # the synchronous timings stand without it
+                s["pipelined_error"] = f"{type(e).__name__}: {e}"[:500]
         if extra:
             s.update(extra)
         self.result["items"][item] = s
@@ -614,7 +649,9 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             else:
                 os.environ[ENV_ATTENTION] = saved
 
-    main = runner.name == "jaxdiff"  # variants keep summaries only: returned files are counted
+    # Variants keep summaries only (returned files are counted), unless their options
+    # ask for the files ("profile_files").
+    main = runner.name == "jaxdiff" or bool(runner.options.get("profile_files"))
 
     def profile(item: str, call, calls: int, hlo=None, files: bool = False) -> None:
         """Where ``item``'s time goes: a trace of ``calls`` runs of ``call`` (compiled
@@ -678,6 +715,16 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     if unet_layouts.formats is not None:
         info["param_layouts_moved"] = moved_layouts(unet_layouts.formats)
+    # Host time per call by argument count, with no kernels to speak of: the UNet's
+    # parameters passed to an executable that reads one input (jax's side only: unused
+    # arguments are pruned) and one that takes them all (jax's and PJRT's).
+    x = unet_inputs["unet_b2"][0]
+    info.setdefault("dispatch_ms", {}).update(
+        unet_params_pruned=dispatch_ms(lambda p, x: x + 1, params16["unet"], x)[0],
+        unet_params_kept=dispatch_ms(lambda p, x: x + 1, params16["unet"], x, keep=True)[0],
+        no_params=dispatch_ms(lambda x: x + 1, x)[0],
+    )
+    runner.save()
     # Batch 2: how much of a call is host time (its wall time minus the device span).
     x, t, ctx = unet_inputs["unet_b2"]
     profile("unet_b2", functools.partial(unet_call, x, t, ctx), 5)
@@ -749,6 +796,15 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         if fall_back("train_step"):
             build_step()
             runner.run("train_step", train_step)
+        measured = "median_s" in runner.result["items"].get("train_step", {})
+        if measured and not runner.options.get("train_layouts"):
+            # The host's per-step cost of the state's ~2500 arrays alone: passed
+            # through an executable that returns them (donated, as the step's).
+            ms, train["state"] = dispatch_ms(
+                lambda state: state, train["state"], keep=True, donate=True
+            )
+            info.setdefault("dispatch_ms", {})["train_state_donated"] = ms
+            runner.save()
         runner.add(
             "train_step",
             flop=lambda: model_flops(
@@ -764,6 +820,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
                 if "compiled" in train
                 else train["step"].lower(train["state"], batch, step_rng).compile()
             ).as_text(),
+            files=True,
         )
         train.clear()
     else:
@@ -811,6 +868,30 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         runner.skip("unet_b16_xla", "only when named (--items)")
     elif not runner.wants("unet_b16_xla"):
         runner.skip("unet_b16_xla", runner.skip_reason("unet_b16_xla"))
+
+
+def dispatch_ms(
+    fn, *args, keep: bool = False, donate: bool = False, calls: int = 30
+) -> tuple[float, Any]:
+    """Median milliseconds of one call of the jitted ``fn(*args)`` until its result is
+    ready (compiled first), and the first argument as it ends: with a trivial ``fn``,
+    the host's per-call cost of its arguments. ``keep``: unused arguments stay in the
+    executable (jax prunes them by default); ``donate``: the first argument is
+    donated and ``fn`` must return it, which is passed to the next call (and
+    returned: the one given is gone)."""
+    import jax
+
+    f = jax.jit(fn, keep_unused=keep, donate_argnums=(0,) if donate else ())
+    args = list(args)
+    times = []
+    for _ in range(calls + 1):
+        t0 = time.perf_counter()
+        out = f(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+        if donate:
+            args[0] = out
+    return round(float(np.median(times[1:])) * 1e3, 4), args[0]
 
 
 def moved_layouts(formats: Any) -> dict[str, Any]:
@@ -883,7 +964,7 @@ def device_spans(events: list[dict], device: set, calls: int) -> list[float]:
 def profile_summary(
     trace_dir: Path,
     out_file: Path | None,
-    top: int = 25,
+    top: int = 40,
     hlo_text: str | None = None,
     calls: int = 0,
 ) -> dict:
@@ -912,18 +993,32 @@ def profile_summary(
         if e.get("ph") == "M" and e.get("name") == "process_name"
     }
     device = {pid for pid, n in names.items() if "GPU" in n or "device" in n.lower()}
+    threads = {
+        (e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
     totals: dict[str, list[float]] = {}
+    per_thread: dict[str, list[float]] = {}
     for e in events:
         if e.get("ph") != "X" or (device and e.get("pid") not in device):
             continue
-        entry = totals.setdefault(str(e.get("name", "?"))[:120], [0.0, 0])
-        entry[0] += float(e.get("dur", 0.0)) / 1e3
-        entry[1] += 1
+        ms = float(e.get("dur", 0.0)) / 1e3
+        for key, table in (
+            (str(e.get("name", "?"))[:120], totals),
+            (threads.get((e.get("pid"), e.get("tid")), str(e.get("tid"))), per_thread),
+        ):
+            entry = table.setdefault(key, [0.0, 0])
+            entry[0] += ms
+            entry[1] += 1
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
     summary = {
         "tracks": sorted(names[p] for p in device) if device else "all",
         "total_ms": sum(v[0] for v in totals.values()),
         "top": [[n, round(ms, 3), c] for n, (ms, c) in ranked[:top]],
+        # Which lines of the device's track the events sit on (streams; any line
+        # that repeats kernels, as per-op lines would, shows up here).
+        "threads": [[n, round(ms, 3), c] for n, (ms, c) in sorted(per_thread.items())],
     }
     if calls and device:  # (a CPU trace has no device track to split)
         summary["span_ms"] = device_spans(events, device, calls)
@@ -1338,7 +1433,27 @@ def _report(results: dict[str, dict], cfg: dict) -> tuple[str, dict]:
         if any(v is not None for v in comp):
             cells = [common.fmt_s(v) for v in comp]
             rows.append([f"compile {i}"] + cells + [""] * (len(peers) + len(variants) + 1))
+    for i in items:
+        back = [results[c]["items"].get(i, {}).get("pipelined_s") for c in names]
+        if any(v is not None for v in back):
+            by = dict(zip(names, back, strict=True))
+            ratios = [common.fmt_x(common.ratio(by.get("jaxdiff"), by[p])) for p in peers]
+            rows.append(
+                [f"back to back {i}"]
+                + [common.fmt_s(v) for v in back]
+                + ratios
+                + [""] * (len(variants) + 1)
+            )
     lines = [common.table(headers, rows)]
+    train_b = cfg["batches"].get("train_step")
+    for c in names:
+        r = results[c]["items"].get("train_step", {})
+        if "median_s" in r and train_b:
+            back = r.get("pipelined_s")
+            lines.append(
+                f"train images/s {c}: {train_b / r['median_s']:.1f} waiting for each step"
+                + (f", {train_b / back:.1f} back to back" if back else "")
+            )
     if ceiling:
         lines.append(f"\nbf16 matmul ceiling (jaxdiff/XLA): {ceiling / 1e12:.3g} TFLOP/s")
     for i in ("unet_b2", "unet_b16", "vae_decode", "train_step"):

@@ -134,6 +134,14 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
         assert items[item]["median_s"] > 0, items[item]
     assert items["unet_b2"]["flop"] > 0 and items["vae_decode"]["flop"] > 0  # jaxdiff.flops
     assert items["train_step"] == {"skipped": "not selected"}
+    # Back to back as well (one synchronisation for several calls), in its own row.
+    assert items["unet_b2"]["pipelined_s"] > 0 and items["vae_decode"]["pipelined_s"] > 0
+    rows = {r[0]: r for r in report["table"]["rows"]}
+    assert rows["back to back unet_b2"][1] != "-"
+    # The host's per-call cost of the UNet's parameters as arguments.
+    dispatch = report["results"]["jaxdiff"]["info"]["dispatch_ms"]
+    assert set(dispatch) == {"unet_params_pruned", "unet_params_kept", "no_params"}
+    assert all(v > 0 for v in dispatch.values())
     # The experiment: the same items again with the module constant patched.
     variant = report["results"]["jaxdiff+groupnorm_one_pass"]
     assert variant["info"]["variant"]["patch"][1] == "_ONE_PASS_GROUPNORM"
@@ -175,7 +183,8 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
     events = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
-        {"ph": "X", "pid": 1, "name": "sm90_xmma_fprop_implicit_gemm_bf16", "dur": 3000},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "sm90_xmma_fprop_implicit_gemm_bf16", "dur": 3000},
         {"ph": "X", "pid": 1, "name": "cudnn_generated_sdpa_flash_fprop", "dur": 2000},
         {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_45", "dur": 500},
         {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_45", "dur": 500},
@@ -201,6 +210,9 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
     assert summary["total_ms"] == pytest.approx(6.26)  # the host track is left out
     assert summary["top"][0] == ["sm90_xmma_fprop_implicit_gemm_bf16", 3.0, 1]
     assert summary["mapped_ms"] == pytest.approx(1.25)
+    # Device time per line of the device's track (a thread without a name: its id).
+    threads = {n: (pytest.approx(ms), c) for n, ms, c in summary["threads"]}
+    assert threads == {"Stream #7": (3.0, 1), "None": (3.26, 5)}
     kinds = {k: (pytest.approx(ms), n) for k, ms, n in summary["by_kind"]}
     assert kinds == {
         "convolution (library)": (3.0, 1),
@@ -209,6 +221,15 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
         "UNet2DConditionModel bwd: norm/reduce_sum": (0.25, 1),
         "unmapped": (0.01, 1),
     }
+
+
+def test_gpu_dispatch_ms_passes_a_donated_argument_on():
+    import jax.numpy as jnp
+
+    ms, last = gpu.dispatch_ms(lambda s, x: s + x, jnp.zeros(3), jnp.ones(3), calls=4)
+    assert ms > 0 and last.shape == (3,)  # not donated: the argument as given
+    ms, last = gpu.dispatch_ms(lambda s: s + 1, jnp.zeros(3), donate=True, calls=4)
+    assert ms > 0 and float(last[0]) == 5.0  # the warm-up call and four timed ones
 
 
 def test_gpu_merge_two_calls_into_one_table(tmp_path):

@@ -123,3 +123,50 @@ def test_a_donated_state_keeps_its_layouts_from_step_to_step():
         ref, ref_total = plain(ref, x)
     np.testing.assert_allclose(state["w"], ref["w"], rtol=1e-6)
     assert int(state["count"]) == 3 and float(total) == pytest.approx(float(ref_total), rel=1e-6)
+
+
+def test_train_step_with_conv_gradients_pinned_to_default_layouts(monkeypatch):
+    """The GPU benchmark's ``train_grad_layout`` experiment (switch
+    ``train.step._GRAD_LAYOUT``): the step with each conv kernel's gradient pinned to
+    the default layout lowers with the constraints and computes the same step, on an
+    FSDP-sharded state."""
+    from benchmarks import gpu
+    from jaxdiff import parallel
+    from jaxdiff.models.sd import abstract_params
+    from jaxdiff.train import step as train_step_module
+    from jaxdiff.train.step import default_layouts, init_state, make_train_step
+
+    cfg = gpu.CONFIGS["tiny"]
+    config = gpu.sd_config(cfg, 300, 0, 1)
+    params = gpu.random_params(abstract_params(config))
+    tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16)
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": jnp.asarray(rng.standard_normal((2, 8, 8, 4), np.float32)),
+        "input_ids": jnp.asarray(rng.integers(0, 300, (2, 77)), jnp.int32),
+    }
+
+    pinned = default_layouts({"k": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)})
+    assert set(pinned) == {"k", "b"}  # (values pass through; see the step below)
+
+    def run(switch: bool):
+        monkeypatch.setattr(train_step_module, "_GRAD_LAYOUT", switch)
+        fresh = jax.tree.map(jnp.copy, params)  # (the step donates the state)
+        state = init_state(fresh, tx, step_cfg, jax.random.key(0))
+        shardings = parallel.param_shardings(state, mesh, min_size=64)
+        state = jax.device_put(state, shardings)
+        step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+        text = step.lower(state, batch, jax.random.key(1)).as_text()
+        for _ in range(2):
+            state, metrics = step(state, batch, jax.random.key(1))
+        return text, jax.device_get(state.params["unet"]), float(metrics["loss"])
+
+    text_on, on, loss_on = run(True)
+    text_off, off, loss_off = run(False)
+    kernels = [a for a in jax.tree.leaves(off) if a.ndim == 4]
+    assert text_on.count("LayoutConstraint") == len(kernels) > 0
+    assert "LayoutConstraint" not in text_off
+    assert loss_on == pytest.approx(loss_off, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
