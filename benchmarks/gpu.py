@@ -14,14 +14,16 @@ Contenders, each in its own process, one after another (each gets the whole GPU)
 Random weights (the timings do not depend on them), random latents, prompts
 through a CLIP-format tokenizer from ``jaxdiff.tokenizer.save_clip_tokenizer``.
 
-A hard time budget (``--budget``, seconds for the whole run) is split between
-the contenders; an item that would start after its contender's deadline is
-skipped and marked so, a worker that overruns is killed, and whatever was
-measured is kept: results are written after every item. Writes
-``gpu.json``, ``gpu.txt`` (the table) and ``gpu.log`` (every worker's output)
-under ``--out`` (``$OUT`` on the device machine), plus the batch-16 UNet's
-trace and optimized HLO. After jaxdiff come its experiments (``VARIANTS``: the
-jaxdiff worker again with one change each).
+A hard time budget (``--budget``, seconds for the whole run) is given to the
+contenders in order, each what it needs (``NEEDS_S``); an item that would start
+after its contender's deadline is skipped and marked so, a worker that overruns is
+killed, and whatever was measured is kept: results are written after every item.
+Each item is timed waiting for every call, then (UNet, VAE, train step) back to
+back with one synchronisation at the end. Writes ``gpu.json``, ``gpu.txt`` (the
+table) and ``gpu.log`` (every worker's output) under ``--out`` (``$OUT`` on the
+device machine), plus the batch-16 UNet's and the train step's traces and optimized
+HLO. After jaxdiff come its experiments (``VARIANTS``: the jaxdiff worker again
+with one change each).
 
 Peers on the device machine: its image has jax, flax, torch and transformers 5
 but no diffusers. ``bash benchmarks/gpu_wheels.sh`` (here) saves the wheels to
@@ -34,7 +36,8 @@ Run (device):  python3 -m benchmarks.gpu --out $OUT --budget 540 --contenders ja
    then, warm:  python3 -m benchmarks.gpu --out $OUT --budget 240 \
                     --contenders torch torch_compile flax039
 (session 8 on an H200: 470 s and 330 s, 840 s of the 900 device-seconds with the start;
-the warm machine is given back after 30 s idle: start the second call at once)
+the warm machine is given back after 30 s idle: start the second call at once. Session
+10: 503 s, then the machine given back, then 263 s on a fresh one: 846 s in all)
 Run (CPU, smoke, tiny shapes):  python -m benchmarks.gpu --tiny --out /tmp/gpu-tiny
 """
 
@@ -85,6 +88,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "train_grad_layout": {
         "patch": ("jaxdiff.train.step", "_GRAD_LAYOUT", True),
         "options": {"profile_files": True},
+        "items": ("train_step",),
+        "need_s": 150.0,
+    },
+    # Clipping and AdamW over one flat vector of the UNet's parameters (optax.flatten;
+    # switch train.optim._FLAT_OPTIMIZER): the other way out of the same 16 ms (the
+    # concatenation writes each gradient in its parameter's layout), and ~1200 small
+    # per-leaf kernels become a few large ones, for one more pass over the gradients
+    # and the updates (~3 ms of memory traffic on an H200).
+    "train_flat_optimizer": {
+        "patch": ("jaxdiff.train.optim", "_FLAT_OPTIMIZER", True),
         "items": ("train_step",),
         "need_s": 150.0,
     },

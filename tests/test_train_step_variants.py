@@ -1,0 +1,90 @@
+"""The train step's GPU experiment switches compute the same step as the default.
+
+``benchmarks/gpu.py`` times these forms of the step on a GPU (experiments
+``train_grad_layout`` and ``train_flat_optimizer``); here, at a tiny config on an
+FSDP-sharded state (2 x 4 CPU devices), each must give the parameters the default
+step gives, so that a speed-up measured there is a speed-up of the same computation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import gpu
+from jaxdiff import parallel
+from jaxdiff.models.sd import abstract_params
+from jaxdiff.train import optim
+from jaxdiff.train import step as train_step_module
+from jaxdiff.train.step import default_layouts, init_state, make_train_step
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = gpu.CONFIGS["tiny"]
+    config = gpu.sd_config(cfg, 300, 0, 1)
+    params = gpu.random_params(abstract_params(config))
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": jnp.asarray(rng.standard_normal((2, 8, 8, 4), np.float32)),
+        "input_ids": jnp.asarray(rng.integers(0, 300, (2, 77)), jnp.int32),
+    }
+    return config, params, batch, parallel.make_mesh(data=2, fsdp=4)
+
+
+def _two_steps(setup):
+    """(lowered text, UNet params after two steps, last loss, optimizer state leaves)."""
+    config, params, batch, mesh = setup
+    # The optimizer is built here, after any switch is set (make_optimizer reads it).
+    tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16)
+    fresh = jax.tree.map(jnp.copy, params)  # (the step donates the state)
+    state = init_state(fresh, tx, step_cfg, jax.random.key(0))
+    state = jax.device_put(state, parallel.param_shardings(state, mesh, min_size=64))
+    step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+    text = step.lower(state, batch, jax.random.key(1)).as_text()
+    for _ in range(2):
+        state, metrics = step(state, batch, jax.random.key(1))
+    leaves = len(jax.tree.leaves(state.opt_state))
+    return text, jax.device_get(state.params["unet"]), float(metrics["loss"]), leaves
+
+
+@pytest.fixture(scope="module")
+def default_run(setup):
+    return _two_steps(setup)
+
+
+def _assert_same_step(setup, run, default_run, rtol):
+    _, params, loss, _ = run
+    _, ref, ref_loss, _ = default_run
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    start = jax.device_get(setup[1]["unet"])
+    moved = 0
+    for a, b, a0 in zip(
+        jax.tree.leaves(params), jax.tree.leaves(ref), jax.tree.leaves(start), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-7)
+        moved += int(not np.array_equal(a, a0))
+    assert moved == len(jax.tree.leaves(start))  # every parameter took both steps
+
+
+def test_conv_gradients_pinned_to_default_layouts(setup, default_run, monkeypatch):
+    """``train.step._GRAD_LAYOUT``: one layout constraint per 4-D gradient, same step."""
+    pinned = default_layouts({"k": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)})
+    assert set(pinned) == {"k", "b"}
+    monkeypatch.setattr(train_step_module, "_GRAD_LAYOUT", True)
+    run = _two_steps(setup)
+    kernels = [a for a in jax.tree.leaves(default_run[1]) if a.ndim == 4]
+    assert run[0].count("LayoutConstraint") == len(kernels) > 0
+    assert "LayoutConstraint" not in default_run[0]
+    _assert_same_step(setup, run, default_run, rtol=1e-6)
+
+
+def test_flat_optimizer(setup, default_run, monkeypatch):
+    """``train.optim._FLAT_OPTIMIZER``: clipping and AdamW over one flat vector, same
+    step up to the order of the global norm's sum, far fewer optimizer-state arrays."""
+    monkeypatch.setattr(optim, "_FLAT_OPTIMIZER", True)
+    run = _two_steps(setup)
+    assert run[3] < default_run[3] // 10, (run[3], default_run[3])
+    _assert_same_step(setup, run, default_run, rtol=2e-5)
