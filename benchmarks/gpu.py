@@ -126,6 +126,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # process memory; "cold": without the experiments' shared XLA cache either): the
     # compile goal's honest figure.
     "t2i_cold": {"items": ("t2i",), "cold": True, "need_s": 60.0},
+    # The same cold compile without XLA's Triton GEMM fusions (cuBLAS for every matmul):
+    # autotuning them compiles dozens of Triton kernels per fusion. Session 10: cold
+    # 37.2 s against 25.6 s after the UNet's and the VAE's compiles in one process.
+    "t2i_cold_no_triton_gemm": {
+        "xla_flags": "--xla_gpu_enable_triton_gemm=false",
+        "items": ("t2i",),
+        "cold": True,
+        "need_s": 60.0,
+    },
+    # ... and with no autotuning at all (XLA's default algorithms): the compile's floor
+    # and what the sampler's steps lose for it.
+    "t2i_cold_autotune_0": {
+        "xla_flags": "--xla_gpu_autotune_level=0",
+        "items": ("t2i",),
+        "cold": True,
+        "need_s": 60.0,
+    },
     # The UNet with its parameters in the layouts XLA picks (jaxdiff.layouts; the
     # pipeline's param_layouts=True). Session 9: the 98 per-call kernel transposes
     # (1.1 ms of GPU time per call) were gone, the wall time was not lower (b2 10.4 vs
@@ -664,15 +681,19 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             else:
                 os.environ[ENV_ATTENTION] = saved
 
-    # Variants keep summaries only (returned files are counted), unless their options
-    # ask for the files ("profile_files").
-    main = runner.name == "jaxdiff" or bool(runner.options.get("profile_files"))
+    # Variants keep summaries only (a device call returns at most 8 files), unless
+    # their options ask for the optimized HLO ("profile_files"): then that alone, under
+    # the variant's name.
+    main = runner.name == "jaxdiff"
+    hlo_only = not main and bool(runner.options.get("profile_files"))
+    stem = runner.name.replace("+", "-")  # (returned file names: letters, digits, . _ -)
 
     def profile(item: str, call, calls: int, hlo=None, files: bool = False) -> None:
         """Where ``item``'s time goes: a trace of ``calls`` runs of ``call`` (compiled
         already), summed per kernel and per kind (``hlo()``: the executable's optimized
         HLO text, which names the fusions) into info["profile"][item]; with ``files``
-        (main contender only) the trace and the HLO are copied next to the results."""
+        the trace and the HLO (main contender; a "profile_files" variant: the HLO) are
+        copied next to the results."""
         if "median_s" not in runner.result["items"].get(item, {}) or not runner.wants(item):
             return
         try:
@@ -682,15 +703,15 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             for _ in range(calls):
                 jax.block_until_ready(call())
             jax.profiler.stop_trace()
-            keep = runner.path.parent / f"jaxdiff_{item}.trace.json.gz" if files and main else None
+            keep = runner.path.parent / f"{stem}_{item}.trace.json.gz" if files and main else None
             text = hlo() if hlo is not None else None
             summary = profile_summary(trace_dir, keep, hlo_text=text, calls=calls)
             if summary.get("span_ms"):  # wall time beyond the device's: host time
                 wall_ms = runner.result["items"][item]["median_s"] * 1e3
                 summary["host_ms"] = round(wall_ms - float(np.median(summary["span_ms"])), 3)
             info.setdefault("profile", {})[item] = dict(summary, calls=calls)
-            if keep is not None and text:
-                hlo_file = runner.path.parent / f"jaxdiff_{item}.hlo.txt.gz"
+            if files and (main or hlo_only) and text:
+                hlo_file = runner.path.parent / f"{stem}_{item}.hlo.txt.gz"
                 hlo_file.write_bytes(gzip.compress(text.encode()))
         except Exception as e:  # the timings matter more than the profile
             info.setdefault("profile_errors", {})[item] = f"{type(e).__name__}: {e}"[:500]
