@@ -1523,7 +1523,7 @@ def run(args: argparse.Namespace) -> dict:
         if not args.tiny and any(not VARIANTS[v].get("cold") for v in variants):
             notes.append(
                 "experiments share one XLA cache (autotuning results reused): their "
-                "compile times are not cold ones, except t2i_cold's"
+                "compile times are not cold ones, except those of the t2i_cold* ones"
             )
 
     wheels = Path(args.wheels)

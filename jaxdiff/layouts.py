@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax.experimental.layout import Format, Layout
+from jax.experimental.layout import Format, Layout, with_layout_constraint
 
 # Where the pipeline lets XLA pick the parameters' layouts by default: none. On an
 # H200 (session 9) XLA moved the UNet's 98 conv kernels to [out, h, w, in] and the
@@ -185,3 +185,18 @@ class LayoutCache:
     def executable(self, key: Any) -> Any:
         """The executable compiled for ``key``, or None (not compiled yet, or failed)."""
         return self._compiled.get(key)
+
+
+def default_layouts(tree: Any, ndim: int = 4) -> Any:
+    """``tree`` with each ``ndim``-dimensional leaf pinned to the default row-major
+    layout (``jax.experimental.layout.with_layout_constraint``; values unchanged), for
+    use inside a jitted function: XLA transposes such a value where it is pinned
+    rather than carrying another layout into its consumers (the train step's conv
+    gradients, ``train.step._GRAD_LAYOUT``)."""
+
+    def pin(a):
+        if a.ndim != ndim:
+            return a
+        return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
+
+    return jax.tree.map(pin, tree)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from benchmarks import gpu
-from jaxdiff import parallel
+from jaxdiff import layouts, parallel
 from jaxdiff.models.sd import abstract_params
 from jaxdiff.train import optim
 from jaxdiff.train import step as train_step_module
-from jaxdiff.train.step import default_layouts, init_state, make_train_step
+from jaxdiff.train.step import init_state, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,13 @@ def _assert_same_step(setup, run, default_run, rtol):
 
 def test_conv_gradients_pinned_to_default_layouts(setup, default_run, monkeypatch):
     """``train.step._GRAD_LAYOUT``: one layout constraint per 4-D gradient, same step."""
-    pinned = default_layouts({"k": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)})
+    tree = {"k": jnp.arange(72.0).reshape(3, 3, 2, 4), "b": jnp.ones(4)}
+    pinned = jax.jit(layouts.default_layouts)(tree)
     assert set(pinned) == {"k", "b"}
+    for name in tree:  # values unchanged
+        np.testing.assert_array_equal(pinned[name], tree[name])
+    # Only the 4-D leaf is pinned.
+    assert jax.jit(layouts.default_layouts).lower(tree).as_text().count("LayoutConstraint") == 1
     monkeypatch.setattr(train_step_module, "_GRAD_LAYOUT", True)
     run = _two_steps(setup)
     kernels = [a for a in jax.tree.leaves(default_run[1]) if a.ndim == 4]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxdiff import schedules
+from jaxdiff import layouts, schedules
 from jaxdiff.models.sd import SDConfig, apply_unet, encode_images, encode_text
 from jaxdiff.train import optim
 
@@ -30,20 +30,6 @@ from jaxdiff.train import optim
 # 90 ms step), then copies the results into the donated buffers (249 memcpy, 3.5 ms).
 # An optimization barrier on the gradients did not help: the layout went through it.
 _GRAD_LAYOUT = False
-
-
-def default_layouts(tree: Any, ndim: int = 4) -> Any:
-    """``tree`` with each ``ndim``-dimensional leaf pinned to the default row-major
-    layout (``jax.experimental.layout.with_layout_constraint``; values unchanged), so
-    XLA transposes it there rather than carrying another layout into its consumers."""
-    from jax.experimental.layout import Layout, with_layout_constraint
-
-    def pin(a):
-        if a.ndim != ndim:
-            return a
-        return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
-
-    return jax.tree.map(pin, tree)
 
 
 class TrainState(struct.PyTreeNode):
@@ -214,7 +200,7 @@ def make_train_step(
             prediction_type=sched.prediction_type,
         )
         if _GRAD_LAYOUT:
-            grads = default_layouts(grads)
+            grads = layouts.default_layouts(grads)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         ema = state.ema_params
