@@ -76,7 +76,7 @@ NEEDS_S = {"jaxdiff": 280.0, "torch": 60.0, "flax039": 150.0, "torch_compile": 1
 # (VARIANT_NEED_S unless given); "cold": no shared XLA cache. Run in this order;
 # "default": False marks the ones that run only when named (--variants).
 VARIANTS: dict[str, dict[str, Any]] = {
-    # Measured results (H200, sessions 8 and 9) are in benchmarks/NOTES.md.
+    # Measured results (H200, sessions 8 to 11) are in benchmarks/NOTES.md.
     #
     # Each conv kernel's gradient pinned to the default layout before AdamW (switch
     # train.step._GRAD_LAYOUT). Session 10's profile: XLA computes each conv kernel's
@@ -84,20 +84,26 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # both moments in and out (20 + 5 fusions, 13 ms per step) and copying the results
     # into the donated buffers (249 memcpy, 3.5 ms); an optimization barrier on the
     # gradients did not change that (101.5 vs 106.1 ms; the layout went through it).
-    # Predicted: ~-14 ms per step.
+    # Predicted: ~-14 ms per step. Session 11 (H200): 106.5 -> 88.5 ms per step (n=1):
+    # now the default on CPU and GPU; this forces it on (e.g. under a patched default).
     "train_grad_layout": {
         "patch": ("jaxdiff.train.step", "_GRAD_LAYOUT", True),
         "options": {"profile_files": True},
         "items": ("train_step",),
         "need_s": 150.0,
+        "default": False,
     },
     # Clipping and AdamW over one flat vector of the UNet's parameters (optax.flatten;
     # switch train.optim._FLAT_OPTIMIZER): the other way out of the same 16 ms (the
     # concatenation writes each gradient in its parameter's layout), and ~1200 small
     # per-leaf kernels become a few large ones, for one more pass over the gradients
-    # and the updates (~3 ms of memory traffic on an H200).
+    # and the updates (~3 ms of memory traffic on an H200); the optimizer state shrinks
+    # from ~1370 to 2 large arrays (less host time per call). Session 11 (H200, without
+    # the gradient layouts): 106.5 -> 97.1 ms per step, back to back 93.6 -> 91.7 ms;
+    # the train step's compile 108 -> 51 s. Now on top of the gradient layouts.
     "train_flat_optimizer": {
         "patch": ("jaxdiff.train.optim", "_FLAT_OPTIMIZER", True),
+        "options": {"profile_files": True},
         "items": ("train_step",),
         "need_s": 150.0,
     },

@@ -1,9 +1,10 @@
-"""The train step's GPU experiment switches compute the same step as the default.
+"""The train step's layout and optimizer switches compute the same step.
 
 ``benchmarks/gpu.py`` times these forms of the step on a GPU (experiments
 ``train_grad_layout`` and ``train_flat_optimizer``); here, at a tiny config on an
-FSDP-sharded state (2 x 4 CPU devices), each must give the parameters the default
-step gives, so that a speed-up measured there is a speed-up of the same computation.
+FSDP-sharded state (2 x 4 CPU devices), each must give the parameters the plain
+step gives (no layout constraints, per-leaf AdamW), so that a speed-up measured
+there is a speed-up of the same computation.
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ def _two_steps(setup):
 
 @pytest.fixture(scope="module")
 def default_run(setup):
-    return _two_steps(setup)
+    """The plain step: gradients in whatever layout XLA picks."""
+    saved = train_step_module._GRAD_LAYOUT
+    train_step_module._GRAD_LAYOUT = False
+    try:
+        return _two_steps(setup)
+    finally:
+        train_step_module._GRAD_LAYOUT = saved
 
 
 def _assert_same_step(setup, run, default_run, rtol):
@@ -70,7 +77,8 @@ def _assert_same_step(setup, run, default_run, rtol):
 
 
 def test_conv_gradients_pinned_to_default_layouts(setup, default_run, monkeypatch):
-    """``train.step._GRAD_LAYOUT``: one layout constraint per 4-D gradient, same step."""
+    """``train.step._GRAD_LAYOUT`` (the default on CPU and GPU): one layout constraint
+    per 4-D gradient, same step as the plain one."""
     tree = {"k": jnp.arange(72.0).reshape(3, 3, 2, 4), "b": jnp.ones(4)}
     pinned = jax.jit(layouts.default_layouts)(tree)
     assert set(pinned) == {"k", "b"}
@@ -78,7 +86,8 @@ def test_conv_gradients_pinned_to_default_layouts(setup, default_run, monkeypatc
         np.testing.assert_array_equal(pinned[name], tree[name])
     # Only the 4-D leaf is pinned.
     assert jax.jit(layouts.default_layouts).lower(tree).as_text().count("LayoutConstraint") == 1
-    monkeypatch.setattr(train_step_module, "_GRAD_LAYOUT", True)
+    assert train_step_module._GRAD_LAYOUT is None  # the library's default: by backend
+    assert jax.default_backend() == "cpu" and train_step_module._pin_grad_layouts()
     run = _two_steps(setup)
     kernels = [a for a in jax.tree.leaves(default_run[1]) if a.ndim == 4]
     assert run[0].count("LayoutConstraint") == len(kernels) > 0
