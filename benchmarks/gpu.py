@@ -101,6 +101,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # from ~1370 to 2 large arrays (less host time per call). Session 11 (H200, without
     # the gradient layouts): 106.5 -> 97.1 ms per step, back to back 93.6 -> 91.7 ms;
     # the train step's compile 108 -> 51 s. Now on top of the gradient layouts.
+    # Under FSDP it multiplies the collectives (tests mesh 2 x 4: 144 -> 488 all-gathers,
+    # 33 -> 650 collective-permutes): a single-device option at most.
     "train_flat_optimizer": {
         "patch": ("jaxdiff.train.optim", "_FLAT_OPTIMIZER", True),
         "options": {"profile_files": True},

@@ -102,3 +102,44 @@ def test_flat_optimizer(setup, default_run, monkeypatch):
     run = _two_steps(setup)
     assert run[3] < default_run[3] // 10, (run[3], default_run[3])
     _assert_same_step(setup, run, default_run, rtol=2e-5)
+
+
+def test_vae_step_pins_gradients_to_the_same_step(setup):
+    """The autoencoder's step pins its conv gradients too (the default on CPU and GPU):
+    one layout constraint per 4-D gradient, the same parameters after two steps."""
+    import optax
+
+    from jaxdiff.models.autoencoder import init_autoencoder
+    from jaxdiff.train.vae_step import VAEStepConfig, make_vae_train_step
+
+    vae_config = setup[0].vae
+    params = {"vae": init_autoencoder(vae_config, jax.random.key(3))}
+    pixels = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    cfg = VAEStepConfig()
+
+    def two_steps(pin):
+        saved = train_step_module._GRAD_LAYOUT
+        train_step_module._GRAD_LAYOUT = pin
+        try:
+            labels = optim.trainable_labels(params, ("vae",))
+            tx = optim.make_optimizer(labels, optax.constant_schedule(1e-3))
+            state = init_state(jax.tree.map(jnp.copy, params), tx, cfg, jax.random.key(0))
+            step = jax.jit(make_vae_train_step(vae_config, cfg, tx))
+            text = step.lower(state, {"pixels": pixels}, jax.random.key(1)).as_text()
+            for _ in range(2):
+                state, _ = step(state, {"pixels": pixels}, jax.random.key(1))
+            return text, jax.device_get(state.params["vae"])
+        finally:
+            train_step_module._GRAD_LAYOUT = saved
+
+    plain_text, plain = two_steps(False)
+    pinned_text, pinned = two_steps(None)
+    kernels = [a for a in jax.tree.leaves(params) if a.ndim == 4]
+    assert pinned_text.count("LayoutConstraint") == len(kernels) > 0
+    assert "LayoutConstraint" not in plain_text
+    start = jax.device_get(params["vae"])
+    for a, b, a0 in zip(
+        jax.tree.leaves(pinned), jax.tree.leaves(plain), jax.tree.leaves(start), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert not np.array_equal(a, a0)

@@ -40,6 +40,13 @@ def _pin_grad_layouts() -> bool:
     return jax.default_backend() in ("cpu", "gpu", "cuda", "rocm")
 
 
+def pin_grad_layouts(grads: Any) -> Any:
+    """``grads`` with each conv kernel's gradient pinned to the default layout (where
+    ``_GRAD_LAYOUT`` says so; see there), for use inside a jitted step before the
+    optimizer. Values unchanged."""
+    return layouts.default_layouts(grads) if _pin_grad_layouts() else grads
+
+
 class TrainState(struct.PyTreeNode):
     """Everything a run carries from step to step (all arrays: checkpointable as is).
 
@@ -207,8 +214,7 @@ def make_train_step(
             alphas_cumprod=alphas_cumprod,
             prediction_type=sched.prediction_type,
         )
-        if _pin_grad_layouts():
-            grads = layouts.default_layouts(grads)
+        grads = pin_grad_layouts(grads)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         ema = state.ema_params
