@@ -521,6 +521,16 @@ class _Runner:
         self.selected: set[str] = set()
         self.options: dict[str, Any] = {}  # a variant's "options"
         self.result: dict[str, Any] = {"contender": name, "items": {}, "info": {}}
+        self.t0 = time.time()
+        self.save()
+
+    def mark(self, stage: str) -> None:
+        """Note the worker's elapsed seconds at the end of ``stage`` (info["timeline"]
+        and the log): where a worker's share of the device call went, for planning
+        the next call's budget."""
+        elapsed = round(time.time() - self.t0, 1)
+        self.result["info"].setdefault("timeline", []).append([stage, elapsed])
+        print(f"[{self.name}] +{elapsed:.0f} s: {stage}", file=sys.stderr, flush=True)
         self.save()
 
     def save(self) -> None:
@@ -549,7 +559,7 @@ class _Runner:
                 entry[key] = make()
             except Exception as e:  # a nice-to-have: never lose the timing over it
                 entry[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
-        self.save()
+        self.mark(f"{item}: {', '.join(fields)}")
 
     def pipelined(self, fn, calls: int) -> float:
         """Seconds per call of ``calls`` calls issued back to back with one
@@ -593,7 +603,7 @@ class _Runner:
         if extra:
             s.update(extra)
         self.result["items"][item] = s
-        self.save()
+        self.mark(item)
         print(
             f"[{self.name}] {item}: {common.fmt_s(s['median_s'])} "
             f"(first {common.fmt_s(first)}, n={s['n']})",
@@ -630,6 +640,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params32)
     jax.block_until_ready(params16)
     info["init_s"] = time.perf_counter() - t0
+    runner.mark("random parameters")
     bf16 = jnp.bfloat16
 
     # The ceiling: one big bf16 matmul, as the floor column of DESIGN.md uses.
@@ -723,7 +734,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
                 hlo_file.write_bytes(gzip.compress(text.encode()))
         except Exception as e:  # the timings matter more than the profile
             info.setdefault("profile_errors", {})[item] = f"{type(e).__name__}: {e}"[:500]
-        runner.save()
+        runner.mark(f"profile {item}")
 
     def fall_back(item: str) -> bool:
         """After ``item`` failed with the default attention: switch to XLA's, once.
@@ -848,7 +859,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
                 lambda state: state, train["state"], keep=True, donate=True
             )
             info.setdefault("dispatch_ms", {})["train_state_donated"] = ms
-            runner.save()
+            runner.mark("dispatch_ms train_state_donated")
         runner.add(
             "train_step",
             flop=lambda: model_flops(

@@ -142,6 +142,12 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     dispatch = report["results"]["jaxdiff"]["info"]["dispatch_ms"]
     assert set(dispatch) == {"unet_params_pruned", "unet_params_kept", "no_params"}
     assert all(v > 0 for v in dispatch.values())
+    # Where the worker's time went, stage by stage, in order.
+    timeline = report["results"]["jaxdiff"]["info"]["timeline"]
+    stages = [stage for stage, _ in timeline]
+    assert {"random parameters", "unet_b2", "vae_decode", "profile unet_b2"} <= set(stages)
+    assert stages.index("unet_b2") < stages.index("vae_decode")
+    assert all(b >= a for (_, a), (_, b) in zip(timeline, timeline[1:]))
     # The experiment: the same items again with the module constant patched.
     variant = report["results"]["jaxdiff+groupnorm_one_pass"]
     assert variant["info"]["variant"]["patch"][1] == "_ONE_PASS_GROUPNORM"
