@@ -779,7 +779,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         unet_params_kept=dispatch_ms(lambda p, x: x + 1, params16["unet"], x, keep=True)[0],
         no_params=dispatch_ms(lambda x: x + 1, x)[0],
     )
-    runner.save()
+    runner.mark("dispatch_ms unet_params")
     # Batch 2: how much of a call is host time (its wall time minus the device span).
     x, t, ctx = unet_inputs["unet_b2"]
     profile("unet_b2", functools.partial(unet_call, x, t, ctx), 5)

@@ -9,9 +9,12 @@ there is a speed-up of the same computation.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from benchmarks import gpu
@@ -51,15 +54,22 @@ def _two_steps(setup):
     return text, jax.device_get(state.params["unet"]), float(metrics["loss"]), leaves
 
 
+@contextlib.contextmanager
+def _grad_layout(pin):
+    """``train.step._GRAD_LAYOUT`` set to ``pin`` (steps built inside read it)."""
+    saved = train_step_module._GRAD_LAYOUT
+    train_step_module._GRAD_LAYOUT = pin
+    try:
+        yield
+    finally:
+        train_step_module._GRAD_LAYOUT = saved
+
+
 @pytest.fixture(scope="module")
 def default_run(setup):
     """The plain step: gradients in whatever layout XLA picks."""
-    saved = train_step_module._GRAD_LAYOUT
-    train_step_module._GRAD_LAYOUT = False
-    try:
+    with _grad_layout(False):
         return _two_steps(setup)
-    finally:
-        train_step_module._GRAD_LAYOUT = saved
 
 
 def _assert_same_step(setup, run, default_run, rtol):
@@ -76,7 +86,7 @@ def _assert_same_step(setup, run, default_run, rtol):
     assert moved == len(jax.tree.leaves(start))  # every parameter took both steps
 
 
-def test_conv_gradients_pinned_to_default_layouts(setup, default_run, monkeypatch):
+def test_conv_gradients_pinned_to_default_layouts(setup, default_run):
     """``train.step._GRAD_LAYOUT`` (the default on CPU and GPU): one layout constraint
     per 4-D gradient, same step as the plain one."""
     tree = {"k": jnp.arange(72.0).reshape(3, 3, 2, 4), "b": jnp.ones(4)}
@@ -107,8 +117,6 @@ def test_flat_optimizer(setup, default_run, monkeypatch):
 def test_vae_step_pins_gradients_to_the_same_step(setup):
     """The autoencoder's step pins its conv gradients too (the default on CPU and GPU):
     one layout constraint per 4-D gradient, the same parameters after two steps."""
-    import optax
-
     from jaxdiff.models.autoencoder import init_autoencoder
     from jaxdiff.train.vae_step import VAEStepConfig, make_vae_train_step
 
@@ -118,19 +126,15 @@ def test_vae_step_pins_gradients_to_the_same_step(setup):
     cfg = VAEStepConfig()
 
     def two_steps(pin):
-        saved = train_step_module._GRAD_LAYOUT
-        train_step_module._GRAD_LAYOUT = pin
-        try:
-            labels = optim.trainable_labels(params, ("vae",))
-            tx = optim.make_optimizer(labels, optax.constant_schedule(1e-3))
-            state = init_state(jax.tree.map(jnp.copy, params), tx, cfg, jax.random.key(0))
+        labels = optim.trainable_labels(params, ("vae",))
+        tx = optim.make_optimizer(labels, optax.constant_schedule(1e-3))
+        state = init_state(jax.tree.map(jnp.copy, params), tx, cfg, jax.random.key(0))
+        with _grad_layout(pin):  # read when the step is traced
             step = jax.jit(make_vae_train_step(vae_config, cfg, tx))
             text = step.lower(state, {"pixels": pixels}, jax.random.key(1)).as_text()
             for _ in range(2):
                 state, _ = step(state, {"pixels": pixels}, jax.random.key(1))
-            return text, jax.device_get(state.params["vae"])
-        finally:
-            train_step_module._GRAD_LAYOUT = saved
+        return text, jax.device_get(state.params["vae"])
 
     plain_text, plain = two_steps(False)
     pinned_text, pinned = two_steps(None)

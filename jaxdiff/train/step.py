@@ -37,7 +37,7 @@ _GRAD_LAYOUT: bool | None = None
 def _pin_grad_layouts() -> bool:
     if _GRAD_LAYOUT is not None:
         return _GRAD_LAYOUT
-    return jax.default_backend() in ("cpu", "gpu", "cuda", "rocm")
+    return jax.default_backend() in ("cpu", "gpu")
 
 
 def pin_grad_layouts(grads: Any) -> Any:
