@@ -67,6 +67,7 @@ def compile_with_layouts(
     formats: dict[int, Any] | None = None,
     donate_argnums: Sequence[int] = (),
     out_shardings: Any = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> tuple[Any, tuple]:
     """Compile ``fn(*args)`` with the arguments in ``layout_argnums`` in layouts XLA
     picks, and move those arguments into them.
@@ -82,6 +83,7 @@ def compile_with_layouts(
       donate_argnums: as ``jax.jit``'s.
       out_shardings: as ``jax.jit``'s; formats from :func:`auto_formats` let XLA lay
         out outputs too (a train state that comes back as the next step's input).
+      compiler_options: XLA options, as ``jax.jit``'s.
 
     Returns:
       ``(compiled, args)``: the executable (call it with arguments in the same layouts:
@@ -96,6 +98,8 @@ def compile_with_layouts(
         for i, a in enumerate(args)
     )
     jit_kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+    if compiler_options:
+        jit_kwargs["compiler_options"] = dict(compiler_options)
     jitted = jax.jit(
         fn,
         in_shardings=in_shardings,
@@ -152,10 +156,17 @@ class LayoutCache:
     layouts, so the parameters are never copied twice. If compiling with chosen
     layouts fails (a backend without layout support), ``fallback`` (a warning
     callback) gets the error and :meth:`call` returns None from then on.
+    ``compiler_options`` (XLA options, as ``jax.jit``'s) go to every compile.
     """
 
-    def __init__(self, argnum: int = 0, fallback: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        argnum: int = 0,
+        fallback: Callable[[str], None] | None = None,
+        compiler_options: dict[str, Any] | None = None,
+    ):
         self.argnum = argnum
+        self.compiler_options = dict(compiler_options or {})
         self.formats: Any = None  # the parameters' formats, once chosen
         self.failed: str | None = None
         self._fallback = fallback
@@ -166,10 +177,25 @@ class LayoutCache:
         and the arguments' shapes, dtypes and shardings) on first use; the returned
         ``args`` hold the parameters in their chosen layouts (keep those). None once
         compiling with chosen layouts has failed: the caller runs its plain jit."""
+        args = self.compile(key, fn, args)
+        if args is None:
+            return None
+        return self._compiled[key](*args), args
+
+    def compile(self, key: Any, fn: Callable, args: tuple) -> tuple | None:
+        """What :meth:`call` does before running: compile for ``key`` unless done, and
+        return ``args`` with the parameters in their chosen layouts (None once
+        compiling with chosen layouts has failed)."""
         if self.failed is None and key not in self._compiled:
             try:
                 known = {} if self.formats is None else {self.argnum: self.formats}
-                compiled, args = compile_with_layouts(fn, args, (self.argnum,), formats=known)
+                compiled, args = compile_with_layouts(
+                    fn,
+                    args,
+                    (self.argnum,),
+                    formats=known,
+                    compiler_options=self.compiler_options,
+                )
             except Exception as e:  # noqa: BLE001 - any backend refusal: plain jit instead
                 self.failed = f"{type(e).__name__}: {e}"
                 if self._fallback is not None:
@@ -180,7 +206,7 @@ class LayoutCache:
                     self.formats = compiled.input_formats[0][self.argnum]
         if self.failed is not None:
             return None
-        return self._compiled[key](*args), args
+        return args
 
     def executable(self, key: Any) -> Any:
         """The executable compiled for ``key``, or None (not compiled yet, or failed)."""

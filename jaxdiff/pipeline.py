@@ -195,6 +195,36 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
 
 _generate_jit = jax.jit(generate, static_argnames=("spec",))
 
+# XLA compiler options for generate() per backend (jax.default_backend()), used when a
+# pipeline is built with compiler_options=None. Empty until a GPU run measures one:
+# benchmarks/gpu.py's t2i_cold_* experiments time the sampler's first compile with
+# candidates such as {"xla_gpu_enable_llvm_module_compilation_parallelism": True}.
+DEFAULT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def _check_compiler_options(options: Any) -> tuple[tuple[str, Any], ...]:
+    """``options`` (a mapping of XLA option name -> bool / int / float / str) as a
+    sorted, hashable tuple of items; a clear error for anything else."""
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"compiler_options must be a dict of XLA option name -> value; got {options!r}"
+        )
+    for name, value in options.items():
+        if not isinstance(name, str) or not isinstance(value, bool | int | float | str):
+            raise ValueError(
+                "compiler_options must map option names (str) to bool, int, float or str "
+                f"values; got {name!r}: {value!r}"
+            )
+    return tuple(sorted(options.items()))
+
+
+@functools.cache
+def _generate_jit_with(options: tuple[tuple[str, Any], ...]) -> Any:
+    """generate() jitted with these XLA compiler options (the plain jit for none)."""
+    if not options:
+        return _generate_jit
+    return jax.jit(generate, static_argnames=("spec",), compiler_options=dict(options))
+
 
 def _layout_warning(error: str) -> None:
     warnings.warn(
@@ -302,6 +332,13 @@ class StableDiffusion:
     on GPU), False keeps the default row-major ones, None (default) does the first on
     the backends in ``layouts.AUTO_BACKENDS`` (none at present: on an H200 it took
     GPU time off but no wall time).
+
+    ``compiler_options``: XLA options (name -> value) the sampling program is compiled
+    with, e.g. ``{"xla_gpu_enable_llvm_module_compilation_parallelism": True}``; None
+    (default) takes ``DEFAULT_COMPILER_OPTIONS`` for the backend, ``{}`` none at all.
+    An option this jaxlib does not know fails at the first call, naming it. Options
+    change the executable, not the results' meaning; the persistent compilation cache
+    keys on them.
     """
 
     def __init__(
@@ -313,6 +350,7 @@ class StableDiffusion:
         dtype: Any = jnp.float32,
         devices: Sequence[Any] | None = None,
         param_layouts: bool | None = None,
+        compiler_options: dict[str, Any] | None = None,
     ):
         dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -325,9 +363,16 @@ class StableDiffusion:
         self.params = jax.device_put(
             jax.tree.map(lambda a: np.asarray(a).astype(dtype), params), replicated
         )
+        if compiler_options is None:
+            compiler_options = DEFAULT_COMPILER_OPTIONS.get(jax.default_backend(), {})
+        self.compiler_options = dict(_check_compiler_options(compiler_options))
         if param_layouts is None:
             param_layouts = jax.default_backend() in layouts.AUTO_BACKENDS
-        self._layouts = layouts.LayoutCache(0, _layout_warning) if param_layouts else None
+        self._layouts = (
+            layouts.LayoutCache(0, _layout_warning, compiler_options=self.compiler_options)
+            if param_layouts
+            else None
+        )
 
     # -- loading and saving ----------------------------------------------------------
 
@@ -341,6 +386,7 @@ class StableDiffusion:
         allow_pickle: bool = False,
         devices: Sequence[Any] | None = None,
         param_layouts: bool | None = None,
+        compiler_options: dict[str, Any] | None = None,
     ) -> StableDiffusion:
         """Load a diffusers-format directory (no torch needed for safetensors weights)."""
         from transformers import CLIPTokenizer
@@ -350,7 +396,13 @@ class StableDiffusion:
         )
         tokenizer = CLIPTokenizer.from_pretrained(Path(path) / "tokenizer")
         return cls(
-            config, params, tokenizer, dtype=dtype, devices=devices, param_layouts=param_layouts
+            config,
+            params,
+            tokenizer,
+            dtype=dtype,
+            devices=devices,
+            param_layouts=param_layouts,
+            compiler_options=compiler_options,
         )
 
     @classmethod
@@ -363,6 +415,7 @@ class StableDiffusion:
         allow_pickle: bool = False,
         devices: Sequence[Any] | None = None,
         param_layouts: bool | None = None,
+        compiler_options: dict[str, Any] | None = None,
     ) -> StableDiffusion:
         """Load an original-layout checkpoint; configs and tokenizer come from ``config_dir``
         (a diffusers-format directory of the same model family)."""
@@ -372,7 +425,13 @@ class StableDiffusion:
         params = pretrained.load_single_file(path, config, allow_pickle=allow_pickle)
         tokenizer = CLIPTokenizer.from_pretrained(Path(config_dir) / "tokenizer")
         return cls(
-            config, params, tokenizer, dtype=dtype, devices=devices, param_layouts=param_layouts
+            config,
+            params,
+            tokenizer,
+            dtype=dtype,
+            devices=devices,
+            param_layouts=param_layouts,
+            compiler_options=compiler_options,
         )
 
     def save_pretrained(self, path: str | os.PathLike, sampler: str | None = None) -> Path:
@@ -395,7 +454,7 @@ class StableDiffusion:
         ).input_ids
         return np.asarray(ids, np.int32)
 
-    def _run(
+    def _prepare(
         self,
         mode: str,
         prompt,
@@ -416,7 +475,11 @@ class StableDiffusion:
         image: Any = None,
         mask: Any = None,
         progress: bool = True,
-    ) -> np.ndarray:
+    ) -> tuple[GenerateSpec, dict[str, Any], int]:
+        """Check a call's arguments and build its static spec, its device inputs (the
+        batch padded to the mesh) and its real batch size."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         cfg = self.config
         prompts = _as_list(prompt, "prompt")
         if prompts is None:
@@ -522,16 +585,43 @@ class StableDiffusion:
             "start_index": np.int32(samplers.start_index_for_strength(spec.plan, float(strength))),
         }
         inputs.update(jax.device_put(scalars, NamedSharding(self.mesh, PartitionSpec())))
+        return spec, inputs, b
+
+    @staticmethod
+    def _layout_key(spec: GenerateSpec, inputs: dict[str, Any]) -> tuple:
+        return (spec, tuple((k, v.shape, v.dtype, v.sharding) for k, v in inputs.items()))
+
+    def _jitted(self) -> Any:
+        return _generate_jit_with(_check_compiler_options(self.compiler_options))
+
+    def _run(self, mode: str, prompt, **kwargs) -> np.ndarray:
+        spec, inputs, b = self._prepare(mode, prompt, **kwargs)
         done = None
         if self._layouts is not None:
-            key = (spec, tuple((k, v.shape, v.dtype, v.sharding) for k, v in inputs.items()))
             fn = functools.partial(generate, spec=spec)
-            done = self._layouts.call(key, fn, (self.params, inputs))
+            done = self._layouts.call(self._layout_key(spec, inputs), fn, (self.params, inputs))
         if done is None:
-            images = _generate_jit(self.params, inputs, spec=spec)
+            images = self._jitted()(self.params, inputs, spec=spec)
         else:
             images, (self.params, _) = done
         return np.asarray(jax.device_get(images))[:b]
+
+    def executable(self, mode: str, prompt, **kwargs) -> jax.stages.Compiled:
+        """The compiled program a call would run, compiled now if it is not yet
+        (ahead of time: nothing is generated). ``mode`` is one of :data:`MODES`; the
+        other arguments are those of :meth:`text_to_image`, :meth:`image_to_image` or
+        :meth:`inpaint` (only their shapes and static choices matter). Use it to
+        compile before the first request, or to read the optimized program
+        (``.as_text()``, ``.cost_analysis()``)."""
+        spec, inputs, _ = self._prepare(mode, prompt, **kwargs)
+        if self._layouts is not None:
+            key = self._layout_key(spec, inputs)
+            fn = functools.partial(generate, spec=spec)
+            placed = self._layouts.compile(key, fn, (self.params, inputs))
+            if placed is not None:
+                self.params = placed[0]
+                return self._layouts.executable(key)
+        return self._jitted().lower(self.params, inputs, spec=spec).compile()
 
     def text_to_image(self, prompt, **kwargs) -> np.ndarray:
         """Generate images from text.

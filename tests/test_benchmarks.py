@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -148,6 +150,11 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert {"random parameters", "unet_b2", "vae_decode", "profile unet_b2"} <= set(stages)
     assert stages.index("unet_b2") < stages.index("vae_decode")
     assert all(b >= a for (_, a), (_, b) in zip(timeline, timeline[1:]))
+    # Where the first call's compile went (jax.monitoring): the UNet is one program here.
+    phases = items["unet_b2"]["compile_phases"]
+    assert phases["programs"] >= 1 and phases["cache_hits"] == 0
+    assert phases["trace_s"] > 0 and phases["lower_s"] > 0
+    assert 0 < phases["xla_max_s"] <= phases["xla_s"] < items["unet_b2"]["first_call_s"]
     # The experiment: the same items again with the module constant patched.
     variant = report["results"]["jaxdiff+groupnorm_one_pass"]
     assert variant["info"]["variant"]["patch"][1] == "_ONE_PASS_GROUPNORM"
@@ -163,6 +170,37 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     files = {f.name for f in tmp_path.iterdir()}
     assert {"gpu.json", "gpu.txt", "gpu.log"} <= files
     assert not any(f.startswith("gpu_") for f in files)  # per-contender logs merged
+
+
+def test_gpu_compile_phases_sum_each_phase():
+    events = [
+        ("/jax/core/compile/jaxpr_trace_duration", 0.5),
+        ("/jax/core/compile/jaxpr_to_mlir_module_duration", 0.25),
+        ("/jax/core/compile/backend_compile_duration", 3.0),
+        ("/jax/core/compile/jaxpr_trace_duration", 0.125),
+        ("/jax/compilation_cache/cache_retrieval_time_sec", 0.01),
+        ("/jax/core/compile/backend_compile_duration", 0.01),
+        ("/jax/something_else", 9.0),
+    ]
+    assert gpu.compile_phases(events) == {
+        "trace_s": 0.625,
+        "lower_s": 0.25,
+        "xla_s": 3.01,
+        "xla_max_s": 3.0,
+        "programs": 2,
+        "cache_hits": 1,
+    }
+    assert gpu.compile_phases([])["programs"] == 0
+
+
+def test_gpu_experiments_compiler_options_exist_in_this_jaxlib():
+    """The options a variant hands to jit (XLA refuses one it does not know, and the
+    device run would lose the experiment to it)."""
+    for name, spec in gpu.VARIANTS.items():
+        options = spec.get("options", {}).get("compiler_options")
+        if options:
+            fn = jax.jit(lambda x: x + 1, compiler_options=options)
+            assert float(fn(jnp.float32(1))) == 2.0, name
 
 
 def test_gpu_device_spans_split_calls_at_the_widest_gaps():

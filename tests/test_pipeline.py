@@ -392,3 +392,86 @@ def test_param_layouts_fall_back_with_a_warning(sd1, monkeypatch):
     with pytest.warns(RuntimeWarning, match="no layouts on this backend"):
         a = laid.text_to_image(PROMPTS[0], seed=1, **kw)
     np.testing.assert_array_equal(a, pipe.text_to_image(PROMPTS[0], seed=1, **kw))
+
+
+def test_compiler_options_reach_xla_and_keep_the_images(sd1, monkeypatch):
+    _, _, pipe = sd1
+    kw = dict(steps=2, sampler="euler", progress=False)
+    want = pipe.text_to_image(PROMPTS[0], seed=3, **kw)
+    opts = {"xla_gpu_enable_llvm_module_compilation_parallelism": True}
+    # The backend's defaults when none are given; {} turns them off.
+    monkeypatch.setitem(pipeline_mod.DEFAULT_COMPILER_OPTIONS, jax.default_backend(), opts)
+    assert StableDiffusion(pipe.config, pipe.params, pipe.tokenizer).compiler_options == opts
+    plain = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, compiler_options={})
+    assert plain.compiler_options == {}
+    for param_layouts in (False, True):  # the plain jit and the layout cache's compile
+        tuned = StableDiffusion(
+            pipe.config,
+            pipe.params,
+            pipe.tokenizer,
+            param_layouts=param_layouts,
+            compiler_options=opts,
+        )
+        np.testing.assert_array_equal(tuned.text_to_image(PROMPTS[0], seed=3, **kw), want)
+        if param_layouts:
+            assert tuned._layouts.failed is None and len(tuned._layouts._compiled) == 1
+    # They reach the compiler: an option this jaxlib does not know is refused by name.
+    bad = StableDiffusion(
+        pipe.config, pipe.params, pipe.tokenizer, compiler_options={"xla_no_such_option": 1}
+    )
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        bad.text_to_image(PROMPTS[0], seed=3, **kw)
+    # ... on the layout cache's compile too (it falls back to the plain jit, which
+    # refuses the same option).
+    bad = StableDiffusion(
+        pipe.config,
+        pipe.params,
+        pipe.tokenizer,
+        param_layouts=True,
+        compiler_options={"xla_no_such_option": 1},
+    )
+    with (
+        pytest.warns(RuntimeWarning, match="xla_no_such_option"),
+        pytest.raises(Exception, match="xla_no_such_option"),
+    ):
+        bad.text_to_image(PROMPTS[0], seed=3, **kw)
+
+
+@pytest.mark.parametrize("options", ["fast", {"xla_gpu_autotune_level": None}, {1: True}])
+def test_bad_compiler_options_are_a_clear_error(sd1, options):
+    _, _, pipe = sd1
+    with pytest.raises(ValueError, match="compiler_options"):
+        StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, compiler_options=options)
+
+
+@pytest.fixture
+def xla_compiles():
+    """A list that gets one entry per program passed to XLA's compile step."""
+    from jax import monitoring
+
+    seen: list[str] = []
+
+    def listen(name, secs, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            seen.append(name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize("param_layouts", [False, True])
+def test_executable_compiles_ahead_of_the_first_call(sd1, xla_compiles, param_layouts):
+    _, _, pipe = sd1
+    pipe = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, param_layouts=param_layouts)
+    kw = dict(steps=3, sampler="dpmpp_2m", progress=False)
+    exe = pipe.executable("text_to_image", PROMPTS[:2], **kw)
+    assert xla_compiles and isinstance(exe, jax.stages.Compiled)
+    assert "while" in exe.as_text()  # the sampling loop, optimized
+    xla_compiles.clear()
+    images = pipe.text_to_image(["another", "two"], seed=5, **kw)
+    assert xla_compiles == [] and images.shape[0] == 2 and images.dtype == np.uint8
+    assert pipe.executable("text_to_image", ["x", "y"], **kw).as_text() == exe.as_text()
+    assert xla_compiles == []  # (the same program: shapes and static choices only)
+    with pytest.raises(ValueError, match="mode"):
+        pipe.executable("paint", PROMPTS[:1])
