@@ -50,6 +50,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,7 +134,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # jaxdiff worker it follows the UNet's and the VAE's, whose autotuning XLA keeps in
     # process memory; "cold": without the experiments' shared XLA cache either): the
     # compile goal's honest figure.
-    "t2i_cold": {"items": ("t2i",), "cold": True, "need_s": 60.0},
+    # Its first call is traced with XLA's annotations ("trace_compile"): where the cold
+    # compile's seconds go, pass by pass (the trace's start and stop are outside the
+    # timed call; its events cost a little of it).
+    "t2i_cold": {
+        "options": {"trace_compile": ("t2i",)},
+        "items": ("t2i",),
+        "cold": True,
+        "need_s": 60.0,
+    },
     # The same cold compile with XLA's LLVM module split into parts compiled in
     # parallel (16 host cores on the device machine), set the way a user would: the
     # pipeline's compiler_options (jit compiler options, not XLA_FLAGS). Elsewhere it
@@ -594,6 +603,13 @@ class _Runner:
                 entry[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
         self.mark(f"{item}: {', '.join(fields)}")
 
+    def _compile_trace_dir(self, item: str) -> Path | None:
+        """Where to trace ``item``'s first call (the "trace_compile" option: a list of
+        items), or None."""
+        if item not in self.options.get("trace_compile", ()):
+            return None
+        return self.path.parent / f"compile_trace_{self.name}_{item}".replace("+", "-")
+
     def pipelined(self, fn, calls: int) -> float:
         """Seconds per call of ``calls`` calls issued back to back with one
         synchronisation at the end: what a loop that does not wait for each result
@@ -615,8 +631,19 @@ class _Runner:
         print(f"[{self.name}] {item} ...", file=sys.stderr, flush=True)
         if self._compile_events is not None:
             self._compile_events.clear()
+        traced = self._compile_trace_dir(item)
         try:
-            first, _ = common.timed(fn, self.sync)
+            if traced is not None:
+                import jax
+
+                opts = jax.profiler.ProfileOptions()
+                opts.python_tracer_level = 0  # XLA's own annotations, not Python frames
+                jax.profiler.start_trace(str(traced), profiler_options=opts)
+            try:
+                first, _ = common.timed(fn, self.sync)
+            finally:
+                if traced is not None:
+                    jax.profiler.stop_trace()
             phases = compile_phases(self._compile_events or [])
             times = []
             for _ in range(self.cfg["repeats"].get(_base(item), 3)):
@@ -633,6 +660,12 @@ class _Runner:
         s["compile_s"] = max(first - s["median_s"], 0.0)
         if phases["programs"]:
             s["compile_phases"] = phases
+        if traced is not None:
+            try:
+                summary = compile_trace_summary(traced)
+                self.result["info"].setdefault("compile_trace", {})[item] = summary
+            except Exception as e:  # the timing stands without it
+                s["compile_trace_error"] = f"{type(e).__name__}: {e}"[:500]
         if _base(item) in PIPELINED and time.time() < self.deadline:
             try:
                 s["pipelined_s"] = self.pipelined(fn, max(len(times), 3))
@@ -1098,6 +1131,46 @@ def device_spans(events: list[dict], device: set, calls: int) -> list[float]:
     return [round(float(x), 3) for x in out]
 
 
+def _trace_events(trace_dir: Path, copy_to: Path | None = None) -> list[dict]:
+    """The events of the newest ``jax.profiler`` trace (perfetto JSON) under
+    ``trace_dir``, after copying its file to ``copy_to`` if given."""
+    traces = sorted(trace_dir.rglob("*.trace.json.gz"))
+    if not traces:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    if copy_to is not None:
+        shutil.copyfile(traces[-1], copy_to)
+    events = json.loads(gzip.decompress(traces[-1].read_bytes()))
+    return events.get("traceEvents", events) if isinstance(events, dict) else events
+
+
+def compile_trace_summary(trace_dir: Path, top: int = 60) -> dict:
+    """Host time per event name in a trace of a first call (compile and run), taken
+    with the Python tracer off: XLA annotates its compile with events ("HLO passes
+    through layout assignment", each pass, the autotuners, LLVM and PTX), so this
+    says where a compile's seconds go. Events nest, so the totals overlap. Removes
+    the trace (the device returns a few files only). Returns {"top": [[name, ms,
+    count], ...], "events": how many host events}."""
+    events = _trace_events(trace_dir)
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    host = {pid for pid, n in names.items() if "host" in n.lower()} or set(names)
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in host:
+            entry = totals.setdefault(str(e.get("name", "?"))[:120], [0.0, 0])
+            entry[0] += float(e.get("dur", 0.0)) / 1e3
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {
+        "top": [[n, round(ms, 1), c] for n, (ms, c) in ranked[:top]],
+        "events": sum(c for _, c in totals.values()),
+    }
+
+
 def profile_summary(
     trace_dir: Path,
     out_file: Path | None,
@@ -1115,15 +1188,7 @@ def profile_summary(
     ``calls`` (how many calls the trace holds) and a device track, "span_ms":
     :func:`device_spans`.
     """
-    import shutil
-
-    traces = sorted(trace_dir.rglob("*.trace.json.gz"))
-    if not traces:
-        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
-    if out_file is not None:
-        shutil.copyfile(traces[-1], out_file)
-    events = json.loads(gzip.decompress(traces[-1].read_bytes()))
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    events = _trace_events(trace_dir, out_file)
     names = {
         e["pid"]: e.get("args", {}).get("name", "")
         for e in events

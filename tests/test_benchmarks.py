@@ -193,6 +193,30 @@ def test_gpu_compile_phases_sum_each_phase():
     assert gpu.compile_phases([])["programs"] == 0
 
 
+def test_gpu_compile_trace_summary_sums_host_events_and_removes_the_trace(tmp_path):
+    import gzip
+
+    meta = lambda pid, name: {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}  # noqa: E731
+    ev = lambda name, dur, pid=1: {"ph": "X", "pid": pid, "name": name, "dur": dur}  # noqa: E731
+    events = [
+        meta(1, "/host:CPU"),
+        meta(2, "/device:GPU:0"),
+        ev("GpuCompiler::RunBackend", 5000.0),
+        ev("gemm-fusion-autotuner", 3000.0),
+        ev("gemm-fusion-autotuner", 1000.0),
+        ev("loop_add_fusion", 9000.0, pid=2),  # a kernel: not the host's time
+    ]
+    trace = tmp_path / "trace" / "plugins" / "profile" / "run"
+    trace.mkdir(parents=True)
+    (trace / "h.trace.json.gz").write_bytes(gzip.compress(json.dumps(events).encode()))
+    summary = gpu.compile_trace_summary(tmp_path / "trace")
+    assert summary == {
+        "top": [["GpuCompiler::RunBackend", 5.0, 1], ["gemm-fusion-autotuner", 4.0, 2]],
+        "events": 3,
+    }
+    assert not (tmp_path / "trace").exists()
+
+
 def test_gpu_experiments_compiler_options_exist_in_this_jaxlib():
     """The options a variant hands to jit (XLA refuses one it does not know, and the
     device run would lose the experiment to it)."""
