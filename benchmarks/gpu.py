@@ -144,14 +144,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "need_s": 60.0,
     },
     # The same cold compile with XLA's LLVM module split into parts compiled in
-    # parallel (16 host cores on the device machine), set the way a user would: the
-    # pipeline's compiler_options (jit compiler options, not XLA_FLAGS). Elsewhere it
-    # took 11-22 % off large GPU compiles with the same results; zml turns it on for
-    # CUDA. Predicted: 37 -> ~31 s cold if code generation is a third of the compile.
-    # If it pays: pipeline.DEFAULT_COMPILER_OPTIONS["gpu"].
+    # parallel, set the way a user would: the pipeline's compiler_options (jit compiler
+    # options, not XLA_FLAGS). XLA's CompileAndLink uses the thread pool PJRT hands it,
+    # else one thread unless xla_gpu_force_compilation_parallelism says how many: 16,
+    # the device machine's cores (the autotuners already use that many by default).
+    # Elsewhere the split took 11-22 % off large GPU compiles with the same results;
+    # zml turns it on for CUDA. Predicted: 37 -> ~31 s cold if code generation is a
+    # third of the compile (t2i_cold's compile trace says how much it is). If it pays:
+    # pipeline.DEFAULT_COMPILER_OPTIONS["gpu"] (with the host's core count).
     "t2i_cold_llvm_parallel": {
         "options": {
-            "compiler_options": {"xla_gpu_enable_llvm_module_compilation_parallelism": True}
+            "compiler_options": {
+                "xla_gpu_enable_llvm_module_compilation_parallelism": True,
+                "xla_gpu_force_compilation_parallelism": 16,
+            }
         },
         "items": ("t2i",),
         "cold": True,
