@@ -249,6 +249,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("vae_decode",),
         "default": False,
     },
+    # GroupNorm's two-pass sums each in two steps, the last spatial axis first
+    # (switch layers._GROUPNORM_STAGED_SUMS). Session 11's batch-16 trace: each pass
+    # is one column reduction, [16, 4096, 320] -> [16, 32, 10] in 31 µs (~1.4 TB/s,
+    # too few outputs to fill the GPU; the VAE's 512² ones run at ~4.3 TB/s), 1.9 ms
+    # of each call in all. Predicted: -0.5 to -1 ms per batch-16 call (the sampler
+    # needs -1 ms per step for 1.6 s); the VAE's large ones about unchanged.
+    "groupnorm_staged_sums": {
+        "patch": ("jaxdiff.models.layers", "_GROUPNORM_STAGED_SUMS", True),
+        "items": ("unet_b16", "vae_decode"),
+        "need_s": 80.0,
+    },
     # No merging of the to_q/to_k/to_v matmuls that share an input. Session 8: 36.4 vs
     # 36.5 ms.
     "no_dot_merger": {

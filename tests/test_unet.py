@@ -797,6 +797,33 @@ def test_groupnorm_one_pass_statistics_agree(monkeypatch, offset):
     assert layers._cpu_unless_set(layers._ONE_PASS_GROUPNORM) == (jax.default_backend() == "cpu")
 
 
+@pytest.mark.parametrize("offset", [3.0, 1e4])
+def test_groupnorm_staged_sums_agree(monkeypatch, offset):
+    """The two-pass statistics with each sum in two steps (the GPU experiment
+    ``_GROUPNORM_STAGED_SUMS``) against the plain two-pass ones: values and gradients,
+    for 4-D input (staged) and 3-D input (no second spatial axis: plain)."""
+    import jaxdiff.models.layers as layers
+
+    monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", False)
+    rng = np.random.default_rng(6)
+    for shape in ((2, 8, 6, 64), (2, 12, 64)):
+        x = (offset + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+        weight = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+        norm = GroupNorm(16, 1e-6)
+        params = norm.init(jax.random.key(0), x)
+        results = {}
+        for staged in (False, True):
+            monkeypatch.setattr(layers, "_GROUPNORM_STAGED_SUMS", staged)
+            jaxpr = str(jax.make_jaxpr(norm.apply)(params, x))
+            assert ("optimization_barrier" in jaxpr) == (staged and len(shape) == 4)
+            y, vjp = jax.vjp(lambda x: norm.apply(params, x), jnp.asarray(x))  # noqa: B023
+            results[staged] = (np.asarray(y), np.asarray(vjp(weight)[0]))
+        atol = 2e-5 if offset < 10 else 2e-3
+        np.testing.assert_allclose(results[True][0], results[False][0], atol=atol)
+        np.testing.assert_allclose(results[True][1], results[False][1], atol=atol * 10)
+        assert np.abs(results[True][0]).max() > 0.5  # normalised, not zeros
+
+
 def test_dtypes_validation_and_attention_hook():
     cfg = UNetConfig.from_diffusers(CONFIGS["sd2"])
     abstract = unet_abstract_params(cfg)

@@ -234,11 +234,32 @@ _ONE_PASS_GROUPNORM: bool | str = "auto"
 # The one-pass statistics' sums in two steps, positions then channels (see GroupNorm);
 # "auto": on CPU, the backend whose merged reduction it works around.
 _GROUPNORM_SPLIT_SUMS: bool | str = "auto"
+# The two-pass statistics (the default off the CPU) with each sum in two steps: over
+# the last spatial axis first (a reduction with many outputs), then the rest. On the
+# H200 a batch-16 UNet's GroupNorm sums run as one column reduction per pass, e.g.
+# [16, 4096, 320] -> [16, 320] at ~1.4 TB/s (1.9 ms of each call); the staged form
+# gives the first step far more parallel outputs. Off until benchmarks/gpu.py's
+# "groupnorm_staged_sums" experiment has measured it.
+_GROUPNORM_STAGED_SUMS: bool = False
 
 
 def _cpu_unless_set(switch: bool | str) -> bool:
     """A module switch's value: as set, or for "auto" whether the backend is the CPU."""
     return jax.default_backend() == "cpu" if switch == "auto" else bool(switch)
+
+
+def _plain_mean(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.mean(a, axis=axes, keepdims=True)
+
+
+def _staged_mean(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``jnp.mean(a, axes, keepdims=True)`` for ``a`` [B, *spatial, G, C/G] (``axes``:
+    the spatial ones and the last), summed over the last spatial axis first; the
+    barrier keeps XLA from merging the two reductions back into one."""
+    last = axes[-2]
+    partial = jax.lax.optimization_barrier(jnp.sum(a, axis=last, keepdims=True))
+    n = math.prod(a.shape[i] for i in axes)
+    return jnp.sum(partial, axis=axes, keepdims=True) / n
 
 
 class GroupNorm(nn.Module):
@@ -294,9 +315,10 @@ class GroupNorm(nn.Module):
             var = jnp.maximum(jnp.sum(s2, axis=-1, keepdims=True) / n - m1**2, 0.0)
             mean = shift + m1
         else:
-            mean = jnp.mean(g, axis=axes, keepdims=True)
+            mean_of = _staged_mean if x.ndim >= 4 and _GROUPNORM_STAGED_SUMS else _plain_mean
+            mean = mean_of(g, axes)
             # Two-pass: E[(x - mean)^2] does not cancel catastrophically like E[x^2] - mean^2.
-            var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+            var = mean_of(jnp.square(g - mean), axes)
         y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
