@@ -180,6 +180,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cold": True,
         "need_s": 60.0,
     },
+    # The train step's compile (~100 s on the H200, a training run's first step) with
+    # the same LLVM split, as process flags (the train step is not a pipeline call).
+    "train_llvm_parallel": {
+        "xla_flags": "--xla_gpu_enable_llvm_module_compilation_parallelism=true "
+        "--xla_gpu_force_compilation_parallelism=16",
+        "items": ("train_step",),
+        "need_s": 150.0,
+        "default": False,
+    },
     # The sampler with its parameters in the layouts XLA picks (the pipeline's
     # param_layouts=True). The batch-16 UNet's 98 kernel transposes of conv weights
     # take 1.1 ms of each call on the H200; if XLA leaves them inside the sampler's
