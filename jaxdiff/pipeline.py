@@ -480,6 +480,10 @@ class StableDiffusion:
         batch padded to the mesh) and its real batch size."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        if mode != "text_to_image" and image is None:
+            raise ValueError(f"{mode} needs an image")
+        if mode == "inpaint" and mask is None:
+            raise ValueError("inpaint needs a mask")
         cfg = self.config
         prompts = _as_list(prompt, "prompt")
         if prompts is None:

@@ -475,3 +475,7 @@ def test_executable_compiles_ahead_of_the_first_call(sd1, xla_compiles, param_la
     assert xla_compiles == []  # (the same program: shapes and static choices only)
     with pytest.raises(ValueError, match="mode"):
         pipe.executable("paint", PROMPTS[:1])
+    with pytest.raises(ValueError, match="needs an image"):
+        pipe.executable("image_to_image", PROMPTS[:1])
+    with pytest.raises(ValueError, match="needs a mask"):
+        pipe.executable("inpaint", PROMPTS[:1], image=np.zeros((1, 64, 64, 3), np.uint8))
