@@ -658,13 +658,17 @@ class _Runner:
         if self._compile_events is not None:
             self._compile_events.clear()
         traced = self._compile_trace_dir(item)
-        try:
-            if traced is not None:
-                import jax
+        if traced is not None:
+            import jax
 
-                opts = jax.profiler.ProfileOptions()
-                opts.python_tracer_level = 0  # XLA's own annotations, not Python frames
+            opts = jax.profiler.ProfileOptions()
+            opts.python_tracer_level = 0  # XLA's own annotations, not Python frames
+            try:
                 jax.profiler.start_trace(str(traced), profiler_options=opts)
+            except Exception as e:  # the timing matters more than the trace
+                self.result["info"]["compile_trace_error"] = f"{type(e).__name__}: {e}"[:500]
+                traced = None
+        try:
             try:
                 first, _ = common.timed(fn, self.sync)
             finally:
