@@ -381,29 +381,20 @@ class StableDiffusion:
         cls,
         path: str | os.PathLike,
         *,
-        dtype: Any = jnp.float32,
         variant: str | None = None,
         allow_pickle: bool = False,
-        devices: Sequence[Any] | None = None,
-        param_layouts: bool | None = None,
-        compiler_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> StableDiffusion:
-        """Load a diffusers-format directory (no torch needed for safetensors weights)."""
+        """Load a diffusers-format directory (no torch needed for safetensors weights).
+        ``options``: the constructor's (``dtype``, ``devices``, ``param_layouts``,
+        ``compiler_options``)."""
         from transformers import CLIPTokenizer
 
         config, params = pretrained.load_pretrained(
             path, variant=variant, allow_pickle=allow_pickle
         )
         tokenizer = CLIPTokenizer.from_pretrained(Path(path) / "tokenizer")
-        return cls(
-            config,
-            params,
-            tokenizer,
-            dtype=dtype,
-            devices=devices,
-            param_layouts=param_layouts,
-            compiler_options=compiler_options,
-        )
+        return cls(config, params, tokenizer, **options)
 
     @classmethod
     def from_single_file(
@@ -411,28 +402,18 @@ class StableDiffusion:
         path: str | os.PathLike,
         config_dir: str | os.PathLike,
         *,
-        dtype: Any = jnp.float32,
         allow_pickle: bool = False,
-        devices: Sequence[Any] | None = None,
-        param_layouts: bool | None = None,
-        compiler_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> StableDiffusion:
         """Load an original-layout checkpoint; configs and tokenizer come from ``config_dir``
-        (a diffusers-format directory of the same model family)."""
+        (a diffusers-format directory of the same model family). ``options``: the
+        constructor's, as :meth:`from_pretrained`'s."""
         from transformers import CLIPTokenizer
 
         config = pretrained.load_config(config_dir)
         params = pretrained.load_single_file(path, config, allow_pickle=allow_pickle)
         tokenizer = CLIPTokenizer.from_pretrained(Path(config_dir) / "tokenizer")
-        return cls(
-            config,
-            params,
-            tokenizer,
-            dtype=dtype,
-            devices=devices,
-            param_layouts=param_layouts,
-            compiler_options=compiler_options,
-        )
+        return cls(config, params, tokenizer, **options)
 
     def save_pretrained(self, path: str | os.PathLike, sampler: str | None = None) -> Path:
         """Write a diffusers-format directory (fp32 weights)."""

@@ -763,6 +763,12 @@ def test_subpixel_upsample_matches_diffusers_and_reference_gradient(monkeypatch)
     assert not layers._use_subpixel(jnp.zeros((1, 256, 256, 4)))
 
 
+def _groupnorm_and_grad(norm, params, x, weight) -> tuple[np.ndarray, np.ndarray]:
+    """GroupNorm's output for ``x`` and the gradient of <output, weight> (numpy)."""
+    y, vjp = jax.vjp(lambda x: norm.apply(params, x), jnp.asarray(x))
+    return np.asarray(y), np.asarray(vjp(weight)[0])
+
+
 @pytest.mark.parametrize("offset", [3.0, 1e4])
 def test_groupnorm_one_pass_statistics_agree(monkeypatch, offset):
     """The shifted one-pass statistics (CPU default) against the two-pass ones and a
@@ -781,9 +787,7 @@ def test_groupnorm_one_pass_statistics_agree(monkeypatch, offset):
         jaxpr = str(jax.make_jaxpr(norm.apply)(params, x))
         assert ("stop_gradient" in jaxpr) == mode  # the shifted one-pass path was traced
         assert ("optimization_barrier" in jaxpr) == mode  # ...with its sums in two steps
-        fn = lambda x: norm.apply(params, x)  # noqa: E731
-        y, vjp = jax.vjp(fn, jnp.asarray(x))
-        results[mode] = (np.asarray(y), np.asarray(vjp(weight)[0]))
+        results[mode] = _groupnorm_and_grad(norm, params, x, weight)
     g = x.astype(np.float64).reshape(2, 8, 8, 16, 4)
     ref = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
         g.var(axis=(1, 2, 4), keepdims=True) + 1e-6
@@ -816,8 +820,7 @@ def test_groupnorm_staged_sums_agree(monkeypatch, offset):
             monkeypatch.setattr(layers, "_GROUPNORM_STAGED_SUMS", staged)
             jaxpr = str(jax.make_jaxpr(norm.apply)(params, x))
             assert ("optimization_barrier" in jaxpr) == (staged and len(shape) == 4)
-            y, vjp = jax.vjp(lambda x: norm.apply(params, x), jnp.asarray(x))  # noqa: B023
-            results[staged] = (np.asarray(y), np.asarray(vjp(weight)[0]))
+            results[staged] = _groupnorm_and_grad(norm, params, x, weight)
         atol = 2e-5 if offset < 10 else 2e-3
         np.testing.assert_allclose(results[True][0], results[False][0], atol=atol)
         np.testing.assert_allclose(results[True][1], results[False][1], atol=atol * 10)
