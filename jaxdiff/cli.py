@@ -165,22 +165,13 @@ def _check_backend_not_started() -> None:
 
 
 def _enable_compile_cache() -> None:
-    """A persistent XLA compilation cache, so a second ``jaxdiff`` run skips compiling.
+    """A persistent XLA compilation cache, so a second ``jaxdiff`` run skips compiling
+    (:func:`jaxdiff.compile_cache.enable_compile_cache`: ``JAXDIFF_COMPILE_CACHE``
+    picks the directory, default ``~/.cache/jaxdiff/xla``; an empty value turns the
+    cache off; one the caller set already is kept)."""
+    from jaxdiff.compile_cache import enable_compile_cache
 
-    ``JAXDIFF_COMPILE_CACHE`` picks the directory (default ``~/.cache/jaxdiff/xla``);
-    set it to an empty string to turn the cache off.
-    """
-    path = os.environ.get(
-        "JAXDIFF_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff", "xla")
-    )
-    if not path:
-        return
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:  # the caller (e.g. tests) chose one already
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enable_compile_cache()
 
 
 if __name__ == "__main__":

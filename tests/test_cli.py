@@ -130,3 +130,32 @@ def test_cpu_devices_hint():
     assert cpu_devices_hint("cpu", 2, 2, 1) is None  # already a device per core
     assert cpu_devices_hint("cpu", 1, 1, 4) is None  # one core
     assert cpu_devices_hint("gpu", 1, 16, 4) is None
+
+
+def test_enable_compile_cache_picks_and_keeps_the_directory(tmp_path, monkeypatch):
+    import jaxdiff
+    from jaxdiff import compile_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+    assert before  # conftest's
+    try:
+        # A directory the process set already is kept; an explicit one wins.
+        assert jaxdiff.enable_compile_cache() == before
+        assert jax.config.jax_compilation_cache_dir == before
+        assert jaxdiff.enable_compile_cache(tmp_path / "a") == str(tmp_path / "a")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+        # None set: the environment's choice, or the default; an empty value: off.
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv(compile_cache.ENV_CACHE, str(tmp_path / "b"))
+        assert jaxdiff.enable_compile_cache() == str(tmp_path / "b")
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv(compile_cache.ENV_CACHE, "")
+        assert jaxdiff.enable_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.delenv(compile_cache.ENV_CACHE)
+        assert compile_cache.default_cache_dir().endswith(os.path.join(".cache", "jaxdiff", "xla"))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
