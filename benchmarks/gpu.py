@@ -705,6 +705,8 @@ class _Runner:
                 self.result["info"].setdefault("compile_trace", {})[item] = summary
             except Exception as e:  # the timing stands without it
                 s["compile_trace_error"] = f"{type(e).__name__}: {e}"[:500]
+            finally:  # never returned from the device as files
+                shutil.rmtree(traced, ignore_errors=True)
         if _base(item) in PIPELINED and time.time() < self.deadline:
             try:
                 s["pipelined_s"] = self.pipelined(fn, max(len(times), 3))

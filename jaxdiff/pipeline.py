@@ -365,7 +365,8 @@ class StableDiffusion:
         )
         if compiler_options is None:
             compiler_options = DEFAULT_COMPILER_OPTIONS.get(jax.default_backend(), {})
-        self.compiler_options = dict(_check_compiler_options(compiler_options))
+        # Checked once, kept as the hashable key the jitted generate() is cached under.
+        self._compiler_options = _check_compiler_options(compiler_options)
         if param_layouts is None:
             param_layouts = jax.default_backend() in layouts.AUTO_BACKENDS
         self._layouts = (
@@ -576,8 +577,13 @@ class StableDiffusion:
     def _layout_key(spec: GenerateSpec, inputs: dict[str, Any]) -> tuple:
         return (spec, tuple((k, v.shape, v.dtype, v.sharding) for k, v in inputs.items()))
 
+    @property
+    def compiler_options(self) -> dict[str, Any]:
+        """The XLA options the sampling program is compiled with (a copy)."""
+        return dict(self._compiler_options)
+
     def _jitted(self) -> Any:
-        return _generate_jit_with(_check_compiler_options(self.compiler_options))
+        return _generate_jit_with(self._compiler_options)
 
     def _run(self, mode: str, prompt, **kwargs) -> np.ndarray:
         spec, inputs, b = self._prepare(mode, prompt, **kwargs)

@@ -220,11 +220,14 @@ def test_gpu_compile_trace_summary_sums_host_events_and_removes_the_trace(tmp_pa
 def test_gpu_experiments_compiler_options_exist_in_this_jaxlib():
     """The options a variant hands to jit (XLA refuses one it does not know, and the
     device run would lose the experiment to it)."""
+    checked = []
     for name, spec in gpu.VARIANTS.items():
         options = spec.get("options", {}).get("compiler_options")
         if options:
             fn = jax.jit(lambda x: x + 1, compiler_options=options)
             assert float(fn(jnp.float32(1))) == 2.0, name
+            checked.append(name)
+    assert "t2i_cold_llvm_parallel" in checked
 
 
 def test_gpu_device_spans_split_calls_at_the_widest_gaps():
