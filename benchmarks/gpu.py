@@ -143,6 +143,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cold": True,
         "need_s": 60.0,
     },
+    # The same cold compile of the sampler as one program (the pipeline's
+    # split_programs=False; sessions 8-11 measured only that form): the default since
+    # session 13 compiles the prompt encoder, the 50-step loop and the VAE decoder as
+    # three programs at the same time, in threads (XLA's compile releases the GIL and
+    # is mostly single-threaded on a GPU host). Separately the UNet (b2, first in its
+    # process) compiled in ~27 s and the VAE decoder in ~8 s, the one-program sampler
+    # cold in 37.2 s: predicted ~27-29 s for the three at once. On this project's
+    # 2-core CPU (small config, 20 steps): 6.2-6.4 -> 5.6-5.75 s; a new sampler and
+    # step count 6.3 -> 5.0 s (only the loop recompiles).
+    "t2i_cold_one_program": {
+        "options": {"split_programs": False},
+        "items": ("t2i",),
+        "cold": True,
+        "need_s": 60.0,
+    },
     # The same cold compile with XLA's LLVM module split into parts compiled in
     # parallel, set the way a user would: the pipeline's compiler_options (jit compiler
     # options, not XLA_FLAGS). XLA's CompileAndLink uses the thread pool PJRT hands it,
@@ -194,6 +209,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # take 1.1 ms of each call on the H200; if XLA leaves them inside the sampler's
     # loop, that is ~55 ms of the 50-step call (the goal needs -50 ms), and the t2i
     # profile's counts say so. (Before session 12 the t2i item ignored this option.)
+    # Chosen layouts are kept for one program, so this sampler is not split in three
+    # (the default's split costs nothing per call: 1632 vs 1632 ms on the CPU).
     "t2i_param_layouts": {"options": {"param_layouts": True}, "items": ("t2i",), "need_s": 70.0},
     # The UNet with its parameters in the layouts XLA picks (jaxdiff.layouts; the
     # pipeline's param_layouts=True). Session 9: the 98 per-call kernel transposes
@@ -1002,8 +1019,10 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             dtype=bf16,
             param_layouts=bool(use_layouts),
             compiler_options=runner.options.get("compiler_options"),
+            split_programs=runner.options.get("split_programs", not use_layouts),
         )
         info["t2i_compiler_options"] = pipe.compiler_options
+        info["t2i_split_programs"] = pipe.split_programs
         noise = _nhwc(_inputs(cfg, "t2i")["noise"])
         t2i = functools.partial(
             pipe.text_to_image,

@@ -1,7 +1,9 @@
 """Stable Diffusion text-to-image, image-to-image and inpainting.
 
 ``StableDiffusion`` is a thin object holding configs, params and a tokenizer;
-all the work happens in one pure function, :func:`generate`, jitted with the
+all the work happens in one pure function, :func:`generate`, made of three
+(:func:`encode_conditions`, :func:`denoise`, :func:`decode_images`) that the
+pipeline compiles as separate programs, at the same time. Each is jitted with the
 shapes, sampler and step count static and everything a user changes between
 calls (prompts, guidance scale, strength, eta, seeds) traced, so changing
 those never recompiles. The batch is sharded over every local device with
@@ -21,6 +23,7 @@ latent-mask blending for 4-channel UNets and masked-image conditioning for
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -96,42 +99,71 @@ def latent_mask(mask: jax.Array, factor: int) -> jax.Array:
     return binary[:, ::factor, ::factor, None]
 
 
-def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
-    """Sample images: the pure function behind every pipeline call.
+def encode_conditions(
+    params: dict, inputs: dict, *, config: SDConfig, mode: str, dtype: Any, mesh: Mesh | None
+) -> dict[str, jax.Array]:
+    """The first part of :func:`generate`: the prompts (and images) encoded.
 
     Args:
-      params: ``{"unet", "vae", "text_encoder"}``.
-      inputs: arrays, batch B first:
-        ``input_ids``, ``negative_ids`` [B, L] int32; ``keys`` [B] PRNG keys;
-        ``noise`` [B, h, w, C] start noise; ``guidance_scale``, ``guidance_rescale``,
-        ``eta``, ``strength`` scalars; ``start_index`` int32 scalar (first step, from
-        ``samplers.start_index_for_strength``); for image_to_image / inpaint ``image``
-        [B, H, W, 3] in [-1, 1]; for inpaint ``mask`` [B, H, W] (1 = repaint).
+      params: ``{"text_encoder"}``, and ``"vae"`` for image_to_image / inpaint.
+      inputs: as :func:`generate`'s (``input_ids``, ``negative_ids``; ``keys``,
+        ``image`` and ``mask`` for the image modes).
+      config, mode, dtype, mesh: as :class:`GenerateSpec`'s.
+
+    Returns:
+      ``{"uncond", "cond"}`` text embeddings [B, L, D]; for the image modes
+      ``"image_latents"`` (a VAE posterior sample, scaled), and for 9-channel
+      inpainting UNets ``"masked_latents"`` (of the image outside the mask).
+    """
+    # Negative and positive prompts in one [2B, L] call, laid out like the UNet's
+    # guidance batch in denoise(), so it shards the same way.
+    ids = _split_over_mesh(
+        jnp.concatenate([inputs["negative_ids"], inputs["input_ids"]], axis=0), mesh, 0
+    )
+    uncond, cond = jnp.split(encode_text(params["text_encoder"], ids, config, dtype), 2, axis=0)
+    out = {"uncond": uncond, "cond": cond}
+    if mode in ("image_to_image", "inpaint"):
+        image, keys = inputs["image"].astype(jnp.float32), inputs["keys"]
+        out["image_latents"] = _encode_image_latents(params, image, keys, config, dtype, salt=1)
+        if mode == "inpaint" and _masked_image_unet(config):
+            keep = (inputs["mask"] < 0.5).astype(jnp.float32)[..., None]
+            out["masked_latents"] = _encode_image_latents(
+                params, image * keep, keys, config, dtype, salt=2
+            )
+    return out
+
+
+def _masked_image_unet(config: SDConfig) -> bool:
+    """A 9-channel inpainting UNet: [latents, mask, masked-image latents] in."""
+    return config.unet.in_channels == 2 * config.vae.latent_channels + 1
+
+
+def denoise(params: dict, conditions: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
+    """The second part of :func:`generate`: the sampling loop, from the start noise
+    (or the noised image latents) to the final latents.
+
+    Args:
+      params: ``{"unet"}``.
+      conditions: :func:`encode_conditions`' result.
+      inputs: as :func:`generate`'s.
       spec: the static choices.
 
     Returns:
-      uint8 images [B, H, W, 3].
+      float32 latents [B, h, w, C] (scaled, as the UNet sees them).
     """
     cfg, dtype, plan = spec.config, spec.dtype, spec.plan
     keys = inputs["keys"]
     noise = inputs["noise"].astype(jnp.float32)
-    # Negative and positive prompts in one [2B, L] call, laid out like the UNet's
-    # guidance batch below, so it shards the same way.
-    ids = _split_over_mesh(
-        jnp.concatenate([inputs["negative_ids"], inputs["input_ids"]], axis=0), spec.mesh, 0
-    )
-    uncond, cond = jnp.split(encode_text(params["text_encoder"], ids, cfg, dtype), 2, axis=0)
+    uncond, cond = conditions["uncond"], conditions["cond"]
 
-    lat_c = cfg.vae.latent_channels
     extra = None  # 9-channel inpainting: [mask, masked-image latents] beside x
     start = 0
     step_hook = None
     x_init = samplers.initial_latents(plan, noise)
     if spec.mode in ("image_to_image", "inpaint"):
-        image = inputs["image"].astype(jnp.float32)
         strength = inputs["strength"]
         start = inputs["start_index"]
-        image_latents = _encode_image_latents(params, image, keys, cfg, dtype, salt=1)
+        image_latents = conditions["image_latents"]
         noised = samplers.noise_latents(plan, image_latents, noise, start)
         if spec.mode == "image_to_image":
             x_init = noised
@@ -139,10 +171,8 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
             # diffusers: strength 1 starts from pure noise, below 1 from the noised image.
             x_init = jnp.where(strength >= 1.0, x_init, noised)
             mask = latent_mask(inputs["mask"].astype(jnp.float32), cfg.latent_factor)
-            if cfg.unet.in_channels == 2 * lat_c + 1:
-                keep = (inputs["mask"] < 0.5).astype(jnp.float32)[..., None]
-                masked = _encode_image_latents(params, image * keep, keys, cfg, dtype, salt=2)
-                extra = jnp.concatenate([mask, masked], axis=-1)
+            if _masked_image_unet(cfg):
+                extra = jnp.concatenate([mask, conditions["masked_latents"]], axis=-1)
             else:
 
                 def step_hook(x, next_index):
@@ -174,7 +204,7 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
         inputs["guidance_rescale"],
         shared_sample=shared,
     )
-    latents = samplers.sample(
+    return samplers.sample(
         model_fn,
         x_init,
         plan,
@@ -184,13 +214,45 @@ def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
         step_hook=step_hook,
         progress=spec.progress,
     )
-    if spec.mesh is not None and latents.shape[0] % spec.mesh.devices.size:
+
+
+def decode_images(
+    params: dict, latents: jax.Array, *, config: SDConfig, dtype: Any, mesh: Mesh | None
+) -> jax.Array:
+    """The last part of :func:`generate`: latents [B, h, w, C] -> uint8 images
+    [B, H, W, 3] through the VAE decoder (``params``: ``{"vae"}``)."""
+    if mesh is not None and latents.shape[0] % mesh.devices.size:
         # Fewer images than devices: split the decoder's rows instead (XLA exchanges
         # the convolutions' halo rows), rather than every device decoding every image.
-        latents = _split_over_mesh(latents, spec.mesh, 1)
-    images = decode_latents(params["vae"], latents, cfg, dtype)
+        latents = _split_over_mesh(latents, mesh, 1)
+    images = decode_latents(params["vae"], latents, config, dtype)
     images = jnp.clip(images / 2 + 0.5, 0.0, 1.0)
     return jnp.round(images * 255).astype(jnp.uint8)
+
+
+def generate(params: dict, inputs: dict, spec: GenerateSpec) -> jax.Array:
+    """Sample images: the pure function behind every pipeline call, as one program
+    (:func:`encode_conditions`, then :func:`denoise`, then :func:`decode_images`;
+    the pipeline compiles the three as separate programs by default, see
+    :class:`StableDiffusion`'s ``split_programs``).
+
+    Args:
+      params: ``{"unet", "vae", "text_encoder"}``.
+      inputs: arrays, batch B first:
+        ``input_ids``, ``negative_ids`` [B, L] int32; ``keys`` [B] PRNG keys;
+        ``noise`` [B, h, w, C] start noise; ``guidance_scale``, ``guidance_rescale``,
+        ``eta``, ``strength`` scalars; ``start_index`` int32 scalar (first step, from
+        ``samplers.start_index_for_strength``); for image_to_image / inpaint ``image``
+        [B, H, W, 3] in [-1, 1]; for inpaint ``mask`` [B, H, W] (1 = repaint).
+      spec: the static choices.
+
+    Returns:
+      uint8 images [B, H, W, 3].
+    """
+    statics = {"config": spec.config, "dtype": spec.dtype, "mesh": spec.mesh}
+    conditions = encode_conditions(params, inputs, mode=spec.mode, **statics)
+    latents = denoise(params, conditions, inputs, spec)
+    return decode_images(params, latents, **statics)
 
 
 _generate_jit = jax.jit(generate, static_argnames=("spec",))
@@ -224,6 +286,72 @@ def _generate_jit_with(options: tuple[tuple[str, Any], ...]) -> Any:
     if not options:
         return _generate_jit
     return jax.jit(generate, static_argnames=("spec",), compiler_options=dict(options))
+
+
+# generate()'s three parts as the split pipeline compiles them (see StableDiffusion's
+# split_programs): the inputs each one reads, and its jit.
+_CONDITION_INPUTS = {
+    "text_to_image": ("input_ids", "negative_ids"),
+    "image_to_image": ("input_ids", "negative_ids", "keys", "image"),
+    "inpaint": ("input_ids", "negative_ids", "keys", "image", "mask"),
+}
+_NOT_DENOISE_INPUTS = ("input_ids", "negative_ids", "image")
+PARTS = ("condition", "denoise", "decode")
+
+
+@functools.cache
+def _part_jits(options: tuple[tuple[str, Any], ...], mesh: Mesh) -> dict[str, Any]:
+    """encode_conditions / denoise / decode_images jitted for ``mesh`` with these XLA
+    options. The first two return their results replicated, so that the next part
+    can be lowered (its input shardings known) before this one has compiled."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    kw = {"compiler_options": dict(options)} if options else {}
+    return {
+        "condition": jax.jit(
+            encode_conditions,
+            static_argnames=("config", "mode", "dtype", "mesh"),
+            out_shardings=replicated,
+            **kw,
+        ),
+        "denoise": jax.jit(denoise, static_argnames=("spec",), out_shardings=replicated, **kw),
+        "decode": jax.jit(decode_images, static_argnames=("config", "dtype", "mesh"), **kw),
+    }
+
+
+def _clear_program_caches() -> None:
+    """Forget every traced and compiled generate() program of this module (tests that
+    patch what the programs call use it to see them traced again). Pipelines keep
+    the split programs they compiled; build a new one after this."""
+    _generate_jit.clear_cache()
+    _part_jits.cache_clear()
+    for fn in (encode_conditions, denoise, decode_images):
+        jax.jit(fn).clear_cache()  # evicts the function's traces, whichever jit made them
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledParts:
+    """A call's three compiled programs (``split_programs=True``): ``condition``
+    (prompts and images encoded), ``denoise`` (the sampling loop) and ``decode`` (the
+    VAE decoder to uint8), each a ``jax.stages.Compiled``."""
+
+    condition: jax.stages.Compiled
+    denoise: jax.stages.Compiled
+    decode: jax.stages.Compiled
+
+    def as_text(self) -> str:
+        """The three optimized programs' text, one after the other."""
+        return "\n".join(f"// {name}\n{getattr(self, name).as_text()}" for name in PARTS)
+
+
+def _compile_all(lowered: dict[str, Any]) -> dict[str, jax.stages.Compiled]:
+    """Compile lowered programs, at the same time when there are several: XLA's
+    compile releases the GIL, and on a GPU host most of it (passes, code generation)
+    runs on one core, so the parts' compiles overlap."""
+    if len(lowered) < 2:
+        return {name: low.compile() for name, low in lowered.items()}
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+        futures = {name: pool.submit(low.compile) for name, low in lowered.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def _layout_warning(error: str) -> None:
@@ -339,6 +467,14 @@ class StableDiffusion:
     An option this jaxlib does not know fails at the first call, naming it. Options
     change the executable, not the results' meaning; the persistent compilation cache
     keys on them.
+
+    ``split_programs``: True (default) compiles each call as three programs, the
+    prompts' (and images') encoding, the sampling loop and the VAE decoder
+    (:func:`encode_conditions`, :func:`denoise`, :func:`decode_images`), compiled
+    concurrently at the first call; a new step count or sampler then recompiles only
+    the loop, a new mode only the encoding and the loop. False compiles
+    :func:`generate` as one program (what ``param_layouts=True`` always does). The
+    images are the same either way.
     """
 
     def __init__(
@@ -351,6 +487,7 @@ class StableDiffusion:
         devices: Sequence[Any] | None = None,
         param_layouts: bool | None = None,
         compiler_options: dict[str, Any] | None = None,
+        split_programs: bool | None = None,
     ):
         dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -367,13 +504,21 @@ class StableDiffusion:
             compiler_options = DEFAULT_COMPILER_OPTIONS.get(jax.default_backend(), {})
         # Checked once, kept as the hashable key the jitted generate() is cached under.
         self._compiler_options = _check_compiler_options(compiler_options)
-        if param_layouts is None:
-            param_layouts = jax.default_backend() in layouts.AUTO_BACKENDS
+        if param_layouts is None:  # (split programs asked for win over a backend default)
+            auto = jax.default_backend() in layouts.AUTO_BACKENDS
+            param_layouts = auto and not split_programs
         self._layouts = (
             layouts.LayoutCache(0, _layout_warning, compiler_options=self.compiler_options)
             if param_layouts
             else None
         )
+        if split_programs and param_layouts:
+            raise ValueError(
+                "split_programs=True cannot be combined with param_layouts=True (the "
+                "parameters' chosen layouts are kept for one program)"
+            )
+        self.split_programs = not param_layouts if split_programs is None else split_programs
+        self._parts: dict[tuple, jax.stages.Compiled] = {}  # split programs by call shape
 
     # -- loading and saving ----------------------------------------------------------
 
@@ -388,7 +533,7 @@ class StableDiffusion:
     ) -> StableDiffusion:
         """Load a diffusers-format directory (no torch needed for safetensors weights).
         ``options``: the constructor's (``dtype``, ``devices``, ``param_layouts``,
-        ``compiler_options``)."""
+        ``compiler_options``, ``split_programs``)."""
         from transformers import CLIPTokenizer
 
         config, params = pretrained.load_pretrained(
@@ -585,9 +730,71 @@ class StableDiffusion:
     def _jitted(self) -> Any:
         return _generate_jit_with(self._compiler_options)
 
+    def _part_args(self, spec: GenerateSpec, inputs: dict[str, Any]) -> dict[str, tuple]:
+        """Each split program's (cache key, params, inputs) for a call: a part's key
+        holds only what changes its program, so calls share the parts they can."""
+        p = self.params
+        condition_params = {"text_encoder": p["text_encoder"]}
+        if spec.mode != "text_to_image":
+            condition_params["vae"] = p["vae"]  # its encoder
+        condition_inputs = {k: inputs[k] for k in _CONDITION_INPUTS[spec.mode]}
+        denoise_inputs = {k: v for k, v in inputs.items() if k not in _NOT_DENOISE_INPUTS}
+
+        def avals(d):
+            return tuple((k, v.shape, v.dtype, v.sharding) for k, v in sorted(d.items()))
+
+        return {
+            "condition": (
+                ("condition", spec.mode, avals(condition_inputs)),
+                condition_params,
+                condition_inputs,
+            ),
+            "denoise": (
+                ("denoise", spec, avals(denoise_inputs)),
+                {"unet": p["unet"]},
+                denoise_inputs,
+            ),
+            "decode": (("decode", inputs["noise"].shape), {"vae": p["vae"]}, None),
+        }
+
+    def _compiled_parts(self, spec: GenerateSpec, inputs: dict[str, Any]) -> tuple:
+        """The call's three programs (:class:`CompiledParts`) and :meth:`_part_args`;
+        the ones not compiled yet are lowered here, in order (each part's inputs are
+        the one before's outputs, replicated), then compiled at the same time."""
+        args = self._part_args(spec, inputs)
+        missing = [name for name in PARTS if args[name][0] not in self._parts]
+        if missing:
+            jits = _part_jits(self._compiler_options, self.mesh)
+            statics = {"config": spec.config, "dtype": spec.dtype, "mesh": spec.mesh}
+            lowered: dict[str, Any] = {}
+            key, params, part_inputs = args["condition"]
+            if "condition" in missing:
+                lowered["condition"] = jits["condition"].lower(
+                    params, part_inputs, mode=spec.mode, **statics
+                )
+            conditions = (lowered.get("condition") or self._parts.get(key)).out_info
+            key, params, part_inputs = args["denoise"]
+            if "denoise" in missing:
+                lowered["denoise"] = jits["denoise"].lower(
+                    params, conditions, part_inputs, spec=spec
+                )
+            latents = (lowered.get("denoise") or self._parts.get(key)).out_info
+            if "decode" in missing:
+                lowered["decode"] = jits["decode"].lower(args["decode"][1], latents, **statics)
+            for name, compiled in _compile_all(lowered).items():
+                self._parts[args[name][0]] = compiled
+        parts = CompiledParts(*(self._parts[args[name][0]] for name in PARTS))
+        return parts, args
+
     def _run(self, mode: str, prompt, **kwargs) -> np.ndarray:
         spec, inputs, b = self._prepare(mode, prompt, **kwargs)
         done = None
+        if self.split_programs:
+            parts, args = self._compiled_parts(spec, inputs)
+            conditions = parts.condition(*args["condition"][1:])
+            latents = parts.denoise(args["denoise"][1], conditions, args["denoise"][2])
+            images = parts.decode(args["decode"][1], latents)
+            return np.asarray(jax.device_get(images))[:b]
         if self._layouts is not None:
             fn = functools.partial(generate, spec=spec)
             done = self._layouts.call(self._layout_key(spec, inputs), fn, (self.params, inputs))
@@ -597,14 +804,17 @@ class StableDiffusion:
             images, (self.params, _) = done
         return np.asarray(jax.device_get(images))[:b]
 
-    def executable(self, mode: str, prompt, **kwargs) -> jax.stages.Compiled:
-        """The compiled program a call would run, compiled now if it is not yet
-        (ahead of time: nothing is generated). ``mode`` is one of :data:`MODES`; the
-        other arguments are those of :meth:`text_to_image`, :meth:`image_to_image` or
-        :meth:`inpaint` (only their shapes and static choices matter). Use it to
-        compile before the first request, or to read the optimized program
-        (``.as_text()``, ``.cost_analysis()``)."""
+    def executable(self, mode: str, prompt, **kwargs) -> jax.stages.Compiled | CompiledParts:
+        """The compiled program(s) a call would run, compiled now if they are not yet
+        (ahead of time: nothing is generated): a :class:`CompiledParts` with
+        ``split_programs``, else one ``jax.stages.Compiled``. ``mode`` is one of
+        :data:`MODES`; the other arguments are those of :meth:`text_to_image`,
+        :meth:`image_to_image` or :meth:`inpaint` (only their shapes and static
+        choices matter). Use it to compile before the first request, or to read the
+        optimized program (``.as_text()``; ``.cost_analysis()`` of one program)."""
         spec, inputs, _ = self._prepare(mode, prompt, **kwargs)
+        if self.split_programs:
+            return self._compiled_parts(spec, inputs)[0]
         if self._layouts is not None:
             key = self._layout_key(spec, inputs)
             fn = functools.partial(generate, spec=spec)

@@ -134,14 +134,17 @@ def test_default_sampler_comes_from_scheduler_config(sd2):
     assert pipe.config.scheduler.default_sampler == "ddim"
 
 
-def test_changing_traced_values_does_not_recompile(sd1):
+@pytest.mark.parametrize("split_programs", [True, False])
+def test_changing_traced_values_does_not_recompile(sd1, xla_compiles, split_programs):
     _, _, pipe = sd1
+    pipe = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, split_programs=split_programs)
     kw = dict(steps=4, sampler="euler_a", progress=False)
     a = pipe.text_to_image("a photo of a cat", guidance_scale=7.5, seed=0, **kw)
-    size = pipeline_mod._generate_jit._cache_size()
+    assert xla_compiles  # (the listener hears this jaxlib's compiles)
+    xla_compiles.clear()
     b = pipe.text_to_image("an astronaut", guidance_scale=3.0, eta=0.5, seed=1, **kw)
     c = pipe.text_to_image("an astronaut", guidance_scale=3.0, eta=0.5, seed=2, **kw)
-    assert pipeline_mod._generate_jit._cache_size() == size
+    assert xla_compiles == []
     assert _mad(a, b) > 0 and _mad(b, c) > 0  # the values did reach the computation
     d = pipe.text_to_image("an astronaut", guidance_scale=3.0, eta=0.5, seed=2, **kw)
     np.testing.assert_array_equal(c, d)  # and seeds are reproducible
@@ -176,7 +179,7 @@ def test_one_image_splits_the_guidance_pair_over_devices(sd1, monkeypatch):
         return apply_unet(params, x, t, context, *args)
 
     monkeypatch.setattr(pipeline_mod, "apply_unet", recording_unet)
-    pipeline_mod._generate_jit.clear_cache()
+    pipeline_mod._clear_program_caches()
     ref = single.text_to_image("a photo of a cat", **kw)
     assert set(unet_batches) == {(1, 2)}
     unet_batches.clear()
@@ -190,8 +193,10 @@ def test_one_image_splits_the_guidance_pair_over_devices(sd1, monkeypatch):
         return out
 
     monkeypatch.setattr(pipeline_mod, "_split_over_mesh", recording)
-    pipeline_mod._generate_jit.clear_cache()
-    for other in (two, pipe):
+    pipeline_mod._clear_program_caches()
+    # (A new 8-device pipeline: the fixture's may hold these programs compiled.)
+    eight = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer)
+    for other in (two, eight):
         out = other.text_to_image("a photo of a cat", **kw)
         assert out.shape == ref.shape == (1, 16, 16, 3)
         assert _mad(out, ref) <= 0.01 and np.abs(out.astype(int) - ref).max() <= 1
@@ -446,7 +451,8 @@ def test_bad_compiler_options_are_a_clear_error(sd1, options):
 
 @pytest.fixture
 def xla_compiles():
-    """A list that gets one entry per program passed to XLA's compile step."""
+    """A list that gets one entry per program jax asks of XLA: compiled, or read from
+    the persistent compilation cache (jax times both as its "backend compile")."""
     from jax import monitoring
 
     seen: list[str] = []
@@ -460,13 +466,22 @@ def xla_compiles():
     monitoring.unregister_event_duration_listener(listen)
 
 
-@pytest.mark.parametrize("param_layouts", [False, True])
-def test_executable_compiles_ahead_of_the_first_call(sd1, xla_compiles, param_layouts):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"split_programs": False}, {"param_layouts": True}],
+    ids=["split", "one_program", "param_layouts"],
+)
+def test_executable_compiles_ahead_of_the_first_call(sd1, xla_compiles, options):
     _, _, pipe = sd1
-    pipe = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, param_layouts=param_layouts)
+    pipe = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, **options)
+    pipeline_mod._clear_program_caches()  # (other tests compile some of the same parts)
     kw = dict(steps=3, sampler="dpmpp_2m", progress=False)
     exe = pipe.executable("text_to_image", PROMPTS[:2], **kw)
-    assert xla_compiles and isinstance(exe, jax.stages.Compiled)
+    if options:
+        assert len(xla_compiles) == 1 and isinstance(exe, jax.stages.Compiled)
+    else:  # three programs
+        assert len(xla_compiles) == 3 and isinstance(exe, pipeline_mod.CompiledParts)
+        assert all(isinstance(getattr(exe, n), jax.stages.Compiled) for n in pipeline_mod.PARTS)
     assert "while" in exe.as_text()  # the sampling loop, optimized
     xla_compiles.clear()
     images = pipe.text_to_image(["another", "two"], seed=5, **kw)
@@ -479,3 +494,83 @@ def test_executable_compiles_ahead_of_the_first_call(sd1, xla_compiles, param_la
         pipe.executable("image_to_image", PROMPTS[:1])
     with pytest.raises(ValueError, match="needs a mask"):
         pipe.executable("inpaint", PROMPTS[:1], image=np.zeros((1, 64, 64, 3), np.uint8))
+
+
+def test_split_programs_give_the_same_images_and_share_parts(sd1, xla_compiles, monkeypatch):
+    """The three programs give generate()'s images (8 devices and one; every mode);
+    a new step count or sampler compiles only the loop, a new mode not the decoder;
+    the missing parts of a call go to the compiler together."""
+    _, _, pipe = sd1
+    pipeline_mod._clear_program_caches()  # (other tests compile some of the same parts)
+    rng = np.random.RandomState(3)
+    image = (rng.rand(2, 16, 16, 3) * 255).astype(np.uint8)
+    mask = np.zeros((2, 16, 16), np.float32)
+    mask[:, 4:12, :8] = 1.0
+    kw = dict(progress=False, seed=7)
+    calls = [
+        ("text_to_image", dict(steps=3, sampler="ddim")),
+        ("text_to_image", dict(steps=4, sampler="euler_a")),  # only the loop is new
+        ("image_to_image", dict(steps=4, sampler="euler_a", image=image, strength=0.6)),
+        ("inpaint", dict(steps=4, sampler="euler_a", image=image, mask=mask, strength=0.8)),
+    ]
+    compiles = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        one, split = (
+            StableDiffusion(
+                pipe.config, pipe.params, pipe.tokenizer, devices=devices, split_programs=s
+            )
+            for s in (False, True)
+        )
+        assert split.split_programs and not one.split_programs
+        for mode, args in calls:
+            want = getattr(one, mode)(prompt=PROMPTS[:2], **kw, **args)
+            xla_compiles.clear()
+            got = getattr(split, mode)(prompt=PROMPTS[:2], **kw, **args)
+            compiles.append(len(xla_compiles))
+            np.testing.assert_array_equal(got, want)
+    # t2i: all three; new steps / sampler: the loop; img2img: its encoder and loop;
+    # inpaint: the same two again (it reads the mask); on both meshes.
+    assert compiles == [3, 1, 2, 2] * 2
+
+    # A first call's parts go to the compiler together ...
+    batches = []
+    compile_all = pipeline_mod._compile_all
+
+    def recording(lowered):
+        batches.append(sorted(lowered))
+        return compile_all(lowered)
+
+    monkeypatch.setattr(pipeline_mod, "_compile_all", recording)
+    fresh = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer)
+    fresh.executable("text_to_image", PROMPTS[:3], steps=2, sampler="heun")
+    assert batches == [sorted(pipeline_mod.PARTS)]
+
+
+def test_compile_all_compiles_at_the_same_time():
+    """... which compiles them each in a thread of its own, all at once: three stand-in
+    programs that each wait for the other two to start compiling."""
+    import threading
+
+    barrier = threading.Barrier(3, timeout=30)
+
+    class Lowered:
+        def __init__(self, name):
+            self.name = name
+
+        def compile(self):
+            barrier.wait()  # raises BrokenBarrierError unless all three are compiling
+            return (self.name, threading.get_ident())
+
+    done = pipeline_mod._compile_all({n: Lowered(n) for n in pipeline_mod.PARTS})
+    assert {n: r[0] for n, r in done.items()} == {n: n for n in pipeline_mod.PARTS}
+    assert len({r[1] for r in done.values()}) == 3
+
+
+def test_split_programs_refuse_param_layouts(sd1):
+    _, _, pipe = sd1
+    with pytest.raises(ValueError, match="split_programs"):
+        StableDiffusion(
+            pipe.config, pipe.params, pipe.tokenizer, param_layouts=True, split_programs=True
+        )
+    laid = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, param_layouts=True)
+    assert not laid.split_programs  # one program when the layouts are chosen
