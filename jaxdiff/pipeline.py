@@ -351,7 +351,23 @@ def _compile_all(lowered: dict[str, Any]) -> dict[str, jax.stages.Compiled]:
         return {name: low.compile() for name, low in lowered.items()}
     with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
         futures = {name: pool.submit(low.compile) for name, low in lowered.items()}
+        concurrent.futures.wait(futures.values())
+    failed = [name for name, future in futures.items() if future.exception() is not None]
+    if len(failed) in (0, len(futures)):  # all compiled, or all refused (e.g. an option)
         return {name: future.result() for name, future in futures.items()}
+    # Some compiled and some failed, as on a backend that cannot compile two programs
+    # at once: the failed ones again, one at a time (an error that is not about that
+    # comes back the same, and is raised).
+    warnings.warn(
+        f"compiling the sampling programs at the same time failed ({failed[0]}: "
+        f"{futures[failed[0]].exception()!r:.300}); compiling them one at a time",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return {
+        name: lowered[name].compile() if name in failed else future.result()
+        for name, future in futures.items()
+    }
 
 
 def _layout_warning(error: str) -> None:
