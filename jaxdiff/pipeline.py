@@ -27,6 +27,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -780,6 +782,9 @@ class StableDiffusion:
         args = self._part_args(spec, inputs)
         missing = [name for name in PARTS if args[name][0] not in self._parts]
         if missing:
+            start = time.perf_counter()
+            if spec.progress:  # a first call's pause, explained
+                print(f"jaxdiff: compiling {', '.join(missing)} ...", file=sys.stderr, flush=True)
             jits = _part_jits(self._compiler_options, self.mesh)
             statics = {"config": spec.config, "dtype": spec.dtype, "mesh": spec.mesh}
             lowered: dict[str, Any] = {}
@@ -799,6 +804,9 @@ class StableDiffusion:
                 lowered["decode"] = jits["decode"].lower(args["decode"][1], latents, **statics)
             for name, compiled in _compile_all(lowered).items():
                 self._parts[args[name][0]] = compiled
+            if spec.progress:
+                took = time.perf_counter() - start
+                print(f"jaxdiff: compiled in {took:.1f} s", file=sys.stderr, flush=True)
         parts = CompiledParts(*(self._parts[args[name][0]] for name in PARTS))
         return parts, args
 

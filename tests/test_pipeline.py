@@ -621,3 +621,16 @@ def test_split_programs_refuse_param_layouts(sd1):
         )
     laid = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, param_layouts=True)
     assert not laid.split_programs  # one program when the layouts are chosen
+
+
+def test_a_compiling_call_says_so_when_progress_is_on(sd1, capfd):
+    _, _, pipe = sd1
+    pipe = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer)
+    kw = dict(steps=2, sampler="lms", seed=1)
+    pipe.text_to_image(PROMPTS[:1], progress=False, **kw)
+    assert "compiling" not in capfd.readouterr().err
+    pipe.text_to_image(PROMPTS[:1], steps=3, sampler="lms", seed=1)  # new: the loop only
+    err = capfd.readouterr().err
+    assert "jaxdiff: compiling denoise ..." in err and "jaxdiff: compiled in" in err
+    pipe.text_to_image(PROMPTS[:1], steps=3, sampler="lms", seed=2)  # nothing new
+    assert "compiling" not in capfd.readouterr().err
