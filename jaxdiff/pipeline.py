@@ -535,7 +535,7 @@ class StableDiffusion:
                 "split_programs=True cannot be combined with param_layouts=True (the "
                 "parameters' chosen layouts are kept for one program)"
             )
-        self.split_programs = not param_layouts if split_programs is None else split_programs
+        self._split_programs = not param_layouts if split_programs is None else split_programs
         self._parts: dict[tuple, jax.stages.Compiled] = {}  # split programs by call shape
 
     # -- loading and saving ----------------------------------------------------------
@@ -745,6 +745,11 @@ class StableDiffusion:
         """The XLA options the sampling program is compiled with (a copy)."""
         return dict(self._compiler_options)
 
+    @property
+    def split_programs(self) -> bool:
+        """Whether calls run as three programs (see the class docstring)."""
+        return bool(self._split_programs)
+
     def _jitted(self) -> Any:
         return _generate_jit_with(self._compiler_options)
 
@@ -793,13 +798,15 @@ class StableDiffusion:
                 lowered["condition"] = jits["condition"].lower(
                     params, part_inputs, mode=spec.mode, **statics
                 )
-            conditions = (lowered.get("condition") or self._parts.get(key)).out_info
+            conditions = (
+                lowered["condition"] if "condition" in lowered else self._parts[key]
+            ).out_info
             key, params, part_inputs = args["denoise"]
             if "denoise" in missing:
                 lowered["denoise"] = jits["denoise"].lower(
                     params, conditions, part_inputs, spec=spec
                 )
-            latents = (lowered.get("denoise") or self._parts.get(key)).out_info
+            latents = (lowered["denoise"] if "denoise" in lowered else self._parts[key]).out_info
             if "decode" in missing:
                 lowered["decode"] = jits["decode"].lower(args["decode"][1], latents, **statics)
             for name, compiled in _compile_all(lowered).items():
