@@ -345,6 +345,12 @@ class CompiledParts:
         return "\n".join(f"// {name}\n{getattr(self, name).as_text()}" for name in PARTS)
 
 
+def _avals(arrays: dict[str, jax.Array]) -> tuple:
+    """Name, shape, dtype and sharding of each array: what a compiled program is keyed
+    on besides its static choices."""
+    return tuple((k, v.shape, v.dtype, v.sharding) for k, v in sorted(arrays.items()))
+
+
 def _compile_all(lowered: dict[str, Any]) -> dict[str, jax.stages.Compiled]:
     """Compile lowered programs, at the same time when there are several: XLA's
     compile releases the GIL, and on a GPU host most of it (passes, code generation)
@@ -535,7 +541,7 @@ class StableDiffusion:
                 "split_programs=True cannot be combined with param_layouts=True (the "
                 "parameters' chosen layouts are kept for one program)"
             )
-        self._split_programs = not param_layouts if split_programs is None else split_programs
+        self._split_programs = bool(not param_layouts if split_programs is None else split_programs)
         self._parts: dict[tuple, jax.stages.Compiled] = {}  # split programs by call shape
 
     # -- loading and saving ----------------------------------------------------------
@@ -738,7 +744,7 @@ class StableDiffusion:
 
     @staticmethod
     def _layout_key(spec: GenerateSpec, inputs: dict[str, Any]) -> tuple:
-        return (spec, tuple((k, v.shape, v.dtype, v.sharding) for k, v in inputs.items()))
+        return (spec, _avals(inputs))
 
     @property
     def compiler_options(self) -> dict[str, Any]:
@@ -748,7 +754,7 @@ class StableDiffusion:
     @property
     def split_programs(self) -> bool:
         """Whether calls run as three programs (see the class docstring)."""
-        return bool(self._split_programs)
+        return self._split_programs
 
     def _jitted(self) -> Any:
         return _generate_jit_with(self._compiler_options)
@@ -762,18 +768,14 @@ class StableDiffusion:
             condition_params["vae"] = p["vae"]  # its encoder
         condition_inputs = {k: inputs[k] for k in _CONDITION_INPUTS[spec.mode]}
         denoise_inputs = {k: v for k, v in inputs.items() if k not in _NOT_DENOISE_INPUTS}
-
-        def avals(d):
-            return tuple((k, v.shape, v.dtype, v.sharding) for k, v in sorted(d.items()))
-
         return {
             "condition": (
-                ("condition", spec.mode, avals(condition_inputs)),
+                ("condition", spec.mode, _avals(condition_inputs)),
                 condition_params,
                 condition_inputs,
             ),
             "denoise": (
-                ("denoise", spec, avals(denoise_inputs)),
+                ("denoise", spec, _avals(denoise_inputs)),
                 {"unet": p["unet"]},
                 denoise_inputs,
             ),
