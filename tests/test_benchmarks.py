@@ -230,6 +230,18 @@ def test_gpu_experiments_compiler_options_exist_in_this_jaxlib():
     assert "t2i_cold_llvm_parallel" in checked
 
 
+def test_gpu_experiments_patch_switches_that_exist():
+    """Each variant's "patch" names a module constant the library has (a misspelt one
+    would be set without effect, and the device run would time the default twice)."""
+    import importlib
+
+    patched = [name for name, spec in gpu.VARIANTS.items() if "patch" in spec]
+    for name in patched:
+        module, attr, _ = gpu.VARIANTS[name]["patch"]
+        assert hasattr(importlib.import_module(module), attr), name
+    assert "cudnn_head_256" in patched
+
+
 def test_gpu_device_spans_split_calls_at_the_widest_gaps():
     """Two calls on the device: kernels 0-3 ms (one overlapping another) and 10-14 ms;
     the host track does not count."""
@@ -260,6 +272,7 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
         {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_45", "dur": 500},
         {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_45", "dur": 500},
         {"ph": "X", "pid": 1, "name": "input_reduce_fusion_7", "dur": 250},
+        {"ph": "X", "pid": 1, "name": "loop_convert_fusion_3", "dur": 40},
         {"ph": "X", "pid": 1, "name": "Memset", "dur": 10},
         {"ph": "X", "pid": 2, "name": "host work, not device time", "dur": 99000},
     ]
@@ -270,26 +283,30 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
         "ENTRY %main {\n"
         "  %loop_multiply_fusion.45 = bf16[16,4096,1280]{2,1,0} fusion(%a), metadata={op_name="
         '"jit(step)/jvp(UNet2DConditionModel)/down_blocks_0/attentions_0/ff/net_0/mul"}\n'
-        "  ROOT %input_reduce_fusion.7 = f32[16,32]{1,0} fusion(%b), metadata={op_name="
+        "  %input_reduce_fusion.7 = f32[16,32]{1,0} fusion(%b), metadata={op_name="
         '"jit(step)/transpose(jvp(UNet2DConditionModel))/up_blocks_1/resnets_0/norm1/reduce_sum"}\n'
+        "  ROOT %loop_convert_fusion.3 = bf16[16,32]{1,0} fusion(%c), metadata={op_name="
+        '"jit(step)/jvp(UNet2DConditionModel)/conv_in/convert_element_type"}\n'
         "}\n"
     )
     copy = tmp_path / "copy.trace.json.gz"
     summary = gpu.profile_summary(tmp_path, copy, hlo_text=hlo)
     assert copy.exists()
     assert summary["tracks"] == ["/device:GPU:0"]
-    assert summary["total_ms"] == pytest.approx(6.26)  # the host track is left out
+    assert summary["total_ms"] == pytest.approx(6.30)  # the host track is left out
     assert summary["top"][0] == ["sm90_xmma_fprop_implicit_gemm_bf16", 3.0, 1]
-    assert summary["mapped_ms"] == pytest.approx(1.25)
+    assert summary["mapped_ms"] == pytest.approx(1.29)
     # Device time per line of the device's track (a thread without a name: its id).
     threads = {n: (pytest.approx(ms), c) for n, ms, c in summary["threads"]}
-    assert threads == {"Stream #7": (3.0, 1), "None": (3.26, 5)}
+    assert threads == {"Stream #7": (3.0, 1), "None": (3.30, 6)}
     kinds = {k: (pytest.approx(ms), n) for k, ms, n in summary["by_kind"]}
     assert kinds == {
         "convolution (library)": (3.0, 1),
         "fused attention (library)": (2.0, 1),
         "UNet2DConditionModel fwd: net/mul": (1.0, 2),
         "UNet2DConditionModel bwd: norm/reduce_sum": (0.25, 1),
+        # An XLA fusion named "convert" is no convolution.
+        "UNet2DConditionModel fwd: conv_in/convert_element_type": (0.04, 1),
         "unmapped": (0.01, 1),
     }
 
@@ -336,3 +353,123 @@ def test_gpu_merge_two_calls_into_one_table(tmp_path):
     row = next(r for r in merged["table"]["rows"] if r[0] == "unet_b16")
     assert "0.71x" in row  # 37 / 52, across the two calls
     assert (tmp_path / "out" / "gpu.txt").read_text().count("call ") == 2
+
+
+def _hlo_line(name: str, shape: str, op: str, args: str, attrs: str, op_name: str) -> str:
+    return f'  %{name} = {shape} {op}({args}), {attrs}, metadata={{op_name="jit(f)/{op_name}"}}'
+
+
+_F32 = "f32[4,8]{1,0}"
+_HLO_WITH_LOOP = "\n".join(
+    [
+        "HloModule jit_f",
+        "",
+        "%fused_add (param_0: f32[4,8]) -> f32[4,8] {",
+        f"  %param_0 = {_F32} parameter(0)",
+        f"  ROOT %add.1 = {_F32} add(%param_0, %param_0)",
+        "}",
+        "",
+        "%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {",
+        f"  %p = (s32[], {_F32}) parameter(0)",
+        "  %i = s32[] get-tuple-element(%p), index=0",
+        f"  %x = {_F32} get-tuple-element(%p), index=1",
+        _hlo_line(
+            "cudnn-conv.1", "(bf16[4,8]{1,0}, u8[0]{0})", "custom-call", "%x",
+            'custom_call_target="__cudnn$convForward"', "UNet/conv_in/conv_general_dilated",
+        ),
+        _hlo_line(
+            "loop_add_fusion.2", _F32, "fusion", "%x", "kind=kLoop, calls=%fused_add",
+            "UNet/resnets_0/add",
+        ),
+        _hlo_line(
+            "loop_convert_fusion.3", _F32, "fusion", "%loop_add_fusion.2",
+            "kind=kLoop, calls=%fused_add", "UNet/resnets_0/convert_element_type",
+        ),
+        f"  ROOT %t = (s32[], {_F32}) tuple(%i, %loop_convert_fusion.3)",
+        "}",
+        "",
+        "%cond (p.1: (s32[], f32[4,8])) -> pred[] {",
+        f"  %p.1 = (s32[], {_F32}) parameter(0)",
+        "  ROOT %c = pred[] constant(true)",
+        "}",
+        "",
+        "ENTRY %main (a: f32[4,8]) -> f32[4,4] {",
+        f"  %a = {_F32} parameter(0)",
+        "  %z = s32[] constant(0)",
+        f"  %init = (s32[], {_F32}) tuple(%z, %a)",
+        f"  %w = (s32[], {_F32}) while(%init), condition=%cond, body=%body",
+        f"  %out = {_F32} get-tuple-element(%w), index=1",
+        _hlo_line(
+            "wrapped_transpose.1", "f32[8,4]{1,0}", "fusion", "%out",
+            "kind=kInput, calls=%fused_add", "transpose",
+        ),
+        _hlo_line(
+            "cublas-gemm.1", "(f32[4,4]{1,0}, s8[16]{0})", "custom-call",
+            "%a, %wrapped_transpose.1", 'custom_call_target="__cublas$gemm"', "dot_general",
+        ),
+        "  ROOT %r = f32[4,4]{1,0} get-tuple-element(%cublas-gemm.1), index=0",
+        "}",
+        "",
+    ]
+)  # fmt: skip
+
+
+def test_gpu_hlo_summary_counts_kernels_in_the_program_and_per_loop_step():
+    """Kernels of an optimized GPU HLO text with their bytes moved, the while body's apart."""
+    from benchmarks import gpu_hlo
+
+    assert gpu_hlo.shape_bytes("(bf16[2,3]{1,0}, f32[4]{0}, u8[0]{0})") == 12 + 16
+    summary = gpu_hlo.summarize(_HLO_WITH_LOOP)
+    assert summary["kernels"] == {"program": 2, "loop": 3}
+    groups = {(where, kind): (n, b) for where, kind, n, b in summary["groups"]}
+    assert groups == {
+        # result 64 + 0 bytes, operand 128
+        ("loop", "convolution (library)"): (1, 192),
+        ("loop", "UNet: resnets/add"): (1, 256),
+        ("loop", "UNet: resnets/convert_element_type"): (1, 256),
+        ("program", "outside modules: transpose"): (1, 256),
+        # result 64 + 16 bytes, operands 128 + 128
+        ("program", "matmul (library)"): (1, 336),
+    }
+    with pytest.raises(ValueError, match="ENTRY"):
+        gpu_hlo.summarize("HloModule empty\n")
+
+
+def test_gpu_hlo_tiny_on_cpu(tmp_path):
+    """The deviceless-compile report's whole path, compiled for this CPU at toy shapes:
+    one process per variant, its patch applied there, the sampler's loop counted apart."""
+    from benchmarks import gpu_hlo
+
+    report = gpu_hlo.run(
+        gpu_hlo.parse_args(
+            [
+                "--platform",
+                "cpu",
+                "--tiny",
+                "--items",
+                "unet_b2",
+                "t2i",
+                "--out",
+                str(tmp_path),
+                "--variants",
+                "default",
+                "subpixel_upsample",
+            ]  # fmt: skip
+        )
+    )
+    results = report["results"]
+    assert set(results) == {"default", "subpixel_upsample"}
+    kernels = {}
+    for variant, result in results.items():
+        for item in ("unet_b2", "t2i"):
+            entry = result["items"][item]
+            assert "error" not in entry, entry.get("error")
+            assert all(part["compile_s"] > 0 for part in entry["parts"].values())
+        assert set(result["items"]["t2i"]["parts"]) == {"condition", "denoise", "decode"}
+        assert result["items"]["t2i"]["parts"]["denoise"]["kernels"]["loop"] > 0
+        kernels[variant] = result["items"]["unet_b2"]["parts"]["unet"]["kernels"]["program"]
+    # The variant's module patch (sub-pixel upsampling, off on the CPU) reached its process.
+    assert kernels["default"] != kernels["subpixel_upsample"]
+    text = (tmp_path / "gpu_hlo.txt").read_text()
+    assert "per loop step" in text and "subpixel_upsample" in text
+    assert json.loads((tmp_path / "gpu_hlo.json").read_text())["platform"] == "cpu"

@@ -665,6 +665,10 @@ def test_gpu_attention_choice_and_fallback(monkeypatch):
     assert use(bf16)
     assert not use(bf16.astype(jnp.float32))  # cuDNN takes fp16/bf16 only
     assert not use(jnp.zeros((1, 4, 1, 512), jnp.bfloat16))  # head size over 128
+    head160 = jnp.zeros((1, 4, 8, 160), jnp.bfloat16)  # SD 1.5's 1280-channel blocks
+    assert not use(head160)
+    monkeypatch.setattr(attention_module, "_CUDNN_MAX_HEAD", 256)  # the experiment's switch
+    assert use(head160) and not use(jnp.zeros((1, 4, 1, 512), jnp.bfloat16))
     assert not use(jnp.zeros((1, 4, 2, 12), jnp.bfloat16))  # not a multiple of 8
     monkeypatch.setenv(attention_module.ENV_ATTENTION, "xla")
     assert not use(bf16)

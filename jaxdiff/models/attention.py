@@ -55,6 +55,12 @@ ENV_ATTENTION = "JAXDIFF_ATTENTION"
 # switch: the H200 train step went 94.8 -> 104.1 ms between two runs with new slow
 # transposes in its backward, and this is one of the changes in between.
 _GEGLU_GELU = "erf"
+# The largest head size the GPU path sends to cuDNN's flash attention by default.
+# cuDNN (and jax's own check) takes up to 256 on Hopper and later, 128 before; SD
+# 1.5's 1280-channel blocks have heads of 160, so their 12 attentions per UNet call
+# run as XLA's einsums (two matmuls, a softmax, head transposes: ~8 kernels each).
+# 128 until benchmarks/gpu.py's "cudnn_head_256" experiment has measured 256.
+_CUDNN_MAX_HEAD = 128
 
 
 def dot_product_attention(
@@ -110,7 +116,7 @@ def _use_cudnn(q: jax.Array) -> bool:
 
     ``JAXDIFF_ATTENTION`` = ``xla`` / ``cudnn`` decides; unset (or ``auto``),
     cuDNN is tried for fp16/bf16 with a head size cuDNN's flash kernel takes
-    (a multiple of 8, at most 128). cuDNN's own checks, run when the call is
+    (a multiple of 8, at most ``_CUDNN_MAX_HEAD``). cuDNN's own checks, run when the call is
     traced, still have the last word: the caller falls back to XLA if they
     refuse (unless ``cudnn`` was forced).
     """
@@ -120,7 +126,7 @@ def _use_cudnn(q: jax.Array) -> bool:
     if choice != "auto":
         return choice == "cudnn"
     head = q.shape[-1]
-    return q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= 128
+    return q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= _CUDNN_MAX_HEAD
 
 
 # Up to this many logits in all (B*N*T*S; 2^24 fp32 = 64 MiB) the forward is one
