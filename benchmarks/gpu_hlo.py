@@ -311,14 +311,16 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     return {"condition": cond, "denoise": den, "decode": dec}
 
 
-def _compile(lowered: Any, triton_gemm: bool) -> tuple[Any, float, str | None]:
-    """(compiled, seconds, note). Without ``triton_gemm`` every GEMM goes to cuBLAS;
-    with it, XLA's untuned choice, or cuBLAS after all when a Triton GEMM has no
-    default tiling (deviceless compiles cannot autotune one)."""
-    off = {"xla_gpu_enable_triton_gemm": False}
+def _compile(lowered: Any, triton_gemm: bool, options: dict) -> tuple[Any, float, str | None]:
+    """(compiled, seconds, note), with XLA ``options`` (a variant's compiler options).
+    Without ``triton_gemm`` every GEMM goes to cuBLAS; with it, XLA's untuned choice,
+    or cuBLAS after all when a Triton GEMM has no default tiling (deviceless compiles
+    cannot autotune one)."""
+    off = dict(options, xla_gpu_enable_triton_gemm=False)
     start = time.perf_counter()
     try:
-        return lowered.compile(None if triton_gemm else off), time.perf_counter() - start, None
+        compiled = lowered.compile(dict(options) if triton_gemm else off)
+        return compiled, time.perf_counter() - start, None
     except Exception as e:  # jax's JaxRuntimeError
         if not triton_gemm or _TILING_ERROR not in str(e):
             raise
@@ -365,11 +367,12 @@ def _worker(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"variant": args.variant, "items": {}}
     # A variant about Triton GEMMs keeps XLA's default for them (its flags decide).
     triton = args.triton_gemm or "triton" in spec.get("xla_flags", "")
+    options = spec.get("options", {}).get("compiler_options", {})
     for item in args.items:
         entry = result["items"][item] = {"parts": {}}
         try:
             for part, lowered in lowered_programs(item, cfg, mesh, spec.get("options", {})).items():
-                compiled, secs, note = _compile(lowered, triton)
+                compiled, secs, note = _compile(lowered, triton, options)
                 text = compiled.as_text()
                 entry["parts"][part] = dict(summarize(text), compile_s=round(secs, 2), note=note)
                 if args.keep_hlo:
