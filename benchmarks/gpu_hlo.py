@@ -81,38 +81,22 @@ runtime_version {{ major: 13 minor: 0 }}
 device_description_str: "{name}"
 """
 ITEMS = ("unet_b2", "unet_b16", "vae_decode", "t2i", "train_step")
+# gpu.py worker options (a variant's "options") that shape the programs here too;
+# the timing ones change no program.
+_MODELLED_OPTIONS = {"split_programs", "compiler_options", "profile_files", "trace_compile"}
 # Deviceless compiles cannot autotune; a Triton GEMM XLA has no default tiling for
 # fails with this, and is compiled again with Triton GEMMs off.
 _TILING_ERROR = "Couldn't find output tile sizes"
 # HLO ops that launch no kernel of their own.
-_NO_KERNEL = {
-    "parameter",
-    "get-tuple-element",
-    "tuple",
-    "constant",
-    "bitcast",
-    "while",
-    "conditional",
-    "call",
-    "after-all",
-    "opt-barrier",
-    "partition-id",
-    "replica-id",
-}
+_NO_KERNEL = set(
+    "parameter get-tuple-element tuple constant bitcast while conditional call after-all "
+    "opt-barrier partition-id replica-id".split()
+)
 _BYTES = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "bf16": 2,
-    "f16": 2,
-    "s16": 2,
-    "u16": 2,
-    "f32": 4,
-    "s32": 4,
-    "u32": 4,
-    "f64": 8,
-    "s64": 8,
-    "u64": 8,
+    **dict.fromkeys(("pred", "s8", "u8"), 1),
+    **dict.fromkeys(("bf16", "f16", "s16", "u16"), 2),
+    **dict.fromkeys(("f32", "s32", "u32"), 4),
+    **dict.fromkeys(("f64", "s64", "u64"), 8),
 }
 _LIBRARY = (
     ("__cudnn$fmha", "fused attention (library)"),
@@ -368,12 +352,16 @@ def _worker(args: argparse.Namespace) -> None:
     # A variant about Triton GEMMs keeps XLA's default for them (its flags decide).
     triton = args.triton_gemm or "triton" in spec.get("xla_flags", "")
     options = spec.get("options", {}).get("compiler_options", {})
+    # Worker options this does not reproduce (chosen parameter layouts, for one).
+    unmodelled = sorted(set(spec.get("options", {})) - _MODELLED_OPTIONS)
     for item in args.items:
         entry = result["items"][item] = {"parts": {}}
         try:
             for part, lowered in lowered_programs(item, cfg, mesh, spec.get("options", {})).items():
                 compiled, secs, note = _compile(lowered, triton, options)
                 text = compiled.as_text()
+                if unmodelled:
+                    note = "; ".join(filter(None, [note, f"not modelled: {', '.join(unmodelled)}"]))
                 entry["parts"][part] = dict(summarize(text), compile_s=round(secs, 2), note=note)
                 if args.keep_hlo:
                     name = f"{item}_{part}_{args.variant}.hlo.txt.gz"
