@@ -232,6 +232,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("t2i",),
         "need_s": 60.0,
     },
+    # The pipeline's own default, a progress bar ticked from each sampling step
+    # (jax.debug.callback in the loop): what it costs users on a GPU, where a host
+    # callback may hold the stream. CPU, session 14 (20 steps, interleaved, 10 calls
+    # each): 2042 vs 2085 ms median, 1715 vs 1723 ms min: within the noise.
+    "t2i_progress": {
+        "options": {"progress": True},
+        "items": ("t2i",),
+        "need_s": 50.0,
+        "default": False,
+    },
     # Let XLA use Triton for every matmul, so the GEGLU product and the norms can
     # fuse into the matmuls that read them (2.3 + 3.2 ms of elementwise kernels in the
     # batch-16 UNet on the H200); the risk is slower matmuls than cuBLAS's.
@@ -1043,7 +1053,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             guidance_scale=GUIDANCE,
             sampler="ddim",
             latents=noise,
-            progress=False,
+            progress=runner.options.get("progress", False),
         )
         runner.run("t2i", t2i)
         if fall_back("t2i"):

@@ -83,7 +83,13 @@ device_description_str: "{name}"
 ITEMS = ("unet_b2", "unet_b16", "vae_decode", "t2i", "train_step")
 # gpu.py worker options (a variant's "options") that shape the programs here too;
 # the timing ones change no program.
-_MODELLED_OPTIONS = {"split_programs", "compiler_options", "profile_files", "trace_compile"}
+_MODELLED_OPTIONS = {
+    "split_programs",
+    "compiler_options",
+    "progress",
+    "profile_files",
+    "trace_compile",
+}
 # Deviceless compiles cannot autotune; a Triton GEMM XLA has no default tiling for
 # fails with this, and is compiled again with Triton GEMMs off.
 _TILING_ERROR = "Couldn't find output tile sizes"
@@ -277,7 +283,15 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     }
     sampler = "ddim" if SCHEDULER["_class_name"] == "DDIMScheduler" else None
     spec = pipeline.GenerateSpec(
-        config, "text_to_image", sampler, cfg["steps"], None, (side, side), bf16, False, mesh
+        config,
+        "text_to_image",
+        sampler,
+        cfg["steps"],
+        None,
+        (side, side),
+        bf16,
+        bool(options.get("progress", False)),
+        mesh,
     )
     params16 = _abstract(params, rep, bf16)
     if not options.get("split_programs", not options.get("param_layouts", False)):
