@@ -165,7 +165,8 @@ def summarize(text: str) -> dict[str, Any]:
     """Kernels of an optimized GPU HLO module: in the entry computation ("program")
     and in the bodies of its while loops ("loop": once per iteration), each counted
     with the bytes of its operands and results, grouped by ``gpu.py``'s
-    ``kernel_kind``."""
+    ``kernel_kind``. A conditional's branches are all counted (an upper bound), a
+    loop nested in a loop's body as part of that body."""
     comps, entry = _computations(text)
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
     kernels = collections.Counter()
