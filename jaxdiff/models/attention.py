@@ -74,12 +74,13 @@ def dot_product_attention(
     """``softmax(scale * q k^T) v`` per head (Vaswani et al. 2017, Eq. 1).
 
     On GPU this is cuDNN's fused (flash) attention where cuDNN takes the
-    inputs (fp16/bf16, head size a multiple of 8 up to 128) and XLA's einsum
-    path otherwise; ``JAXDIFF_ATTENTION=xla`` or ``=cudnn`` (read when the
-    function is traced) forces one. ``jax.nn.dot_product_attention``'s own
-    default (``implementation=None``) never picks cuDNN. On CPU a blocked
-    fused attention (below); other backends take XLA's path. Every path
-    accumulates the logits and the softmax in fp32 for bf16/fp16 inputs.
+    inputs (fp16/bf16, head size a multiple of 8 up to ``_CUDNN_MAX_HEAD``,
+    128) and XLA's einsum path otherwise; ``JAXDIFF_ATTENTION=xla`` or
+    ``=cudnn`` (read when the function is traced) forces one.
+    ``jax.nn.dot_product_attention``'s own default (``implementation=None``)
+    never picks cuDNN. On CPU a blocked fused attention (below); other
+    backends take XLA's path. Every path accumulates the logits and the
+    softmax in fp32 for bf16/fp16 inputs.
 
     Args:
       q: [B, T, N, H] queries.
@@ -116,9 +117,9 @@ def _use_cudnn(q: jax.Array) -> bool:
 
     ``JAXDIFF_ATTENTION`` = ``xla`` / ``cudnn`` decides; unset (or ``auto``),
     cuDNN is tried for fp16/bf16 with a head size cuDNN's flash kernel takes
-    (a multiple of 8, at most ``_CUDNN_MAX_HEAD``). cuDNN's own checks, run when the call is
-    traced, still have the last word: the caller falls back to XLA if they
-    refuse (unless ``cudnn`` was forced).
+    (a multiple of 8, at most ``_CUDNN_MAX_HEAD``). cuDNN's own checks, run
+    when the call is traced, still have the last word: the caller falls back
+    to XLA if they refuse (unless ``cudnn`` was forced).
     """
     choice = os.environ.get(ENV_ATTENTION, "auto").lower()
     if choice not in ("auto", "xla", "cudnn"):
