@@ -309,6 +309,11 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
         "UNet2DConditionModel fwd: conv_in/convert_element_type": (0.04, 1),
         "unmapped": (0.01, 1),
     }
+    # A module's method as the scope (the VAE decoder runs as AutoencoderKL.decode).
+    vae_op = "jit(decode_images)/AutoencoderKL.decode/decoder/mid_block/resnets_0/norm1/reduce_sum"
+    assert (
+        gpu.kernel_kind("input_reduce_fusion_3", vae_op) == "AutoencoderKL.decode: norm/reduce_sum"
+    )
 
 
 def test_gpu_dispatch_ms_passes_a_donated_argument_on():
