@@ -47,7 +47,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
-from benchmarks.gpu import CONFIGS, SCHEDULER, VARIANTS, kernel_kind, sd_config  # noqa: E402
+from benchmarks.gpu import CONFIGS, VARIANTS, kernel_kind, sd_config  # noqa: E402
 
 # Cards (public specifications): SMs, HBM bandwidth and size, boost clock, L2; both
 # compute capability 9.0. The strings are XLA's GpuTargetConfig text protos.
@@ -282,11 +282,10 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
         **{k: arr((), f32) for k in ("guidance_scale", "guidance_rescale", "eta", "strength")},
         "start_index": arr((), i32),
     }
-    sampler = "ddim" if SCHEDULER["_class_name"] == "DDIMScheduler" else None
     spec = pipeline.GenerateSpec(
         config,
         "text_to_image",
-        sampler,
+        "ddim",  # as gpu.py's text-to-image item
         cfg["steps"],
         None,
         (side, side),
