@@ -296,17 +296,9 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     params16 = _abstract(params, rep, bf16)
     if not options.get("split_programs", not options.get("param_layouts", False)):
         return {"generate": pipeline._generate_jit.lower(params16, inputs, spec=spec)}
-    # The pipeline's three programs, lowered as StableDiffusion._compiled_parts does.
-    jits = pipeline._part_jits((), mesh)
-    statics = {"config": config, "dtype": bf16, "mesh": mesh}
-    cond_in = {k: inputs[k] for k in pipeline._CONDITION_INPUTS["text_to_image"]}
-    cond = jits["condition"].lower(
-        {"text_encoder": params16["text_encoder"]}, cond_in, mode="text_to_image", **statics
-    )
-    den_in = {k: v for k, v in inputs.items() if k not in pipeline._NOT_DENOISE_INPUTS}
-    den = jits["denoise"].lower({"unet": params16["unet"]}, cond.out_info, den_in, spec=spec)
-    dec = jits["decode"].lower({"vae": params16["vae"]}, den.out_info, **statics)
-    return {"condition": cond, "denoise": den, "decode": dec}
+    # The pipeline's three programs, lowered as StableDiffusion's calls lower them.
+    args = pipeline._part_args(params16, spec, inputs)
+    return pipeline._lower_parts(args, spec, (), compiled={})
 
 
 def _compile(lowered: Any, triton_gemm: bool, options: dict) -> tuple[Any, float, str | None]:

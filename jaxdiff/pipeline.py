@@ -351,6 +351,62 @@ def _avals(arrays: dict[str, jax.Array]) -> tuple:
     return tuple((k, v.shape, v.dtype, v.sharding) for k, v in sorted(arrays.items()))
 
 
+def _part_args(params: dict, spec: GenerateSpec, inputs: dict[str, Any]) -> dict[str, tuple]:
+    """Each split program's (cache key, params, inputs) for a call: a part's key
+    holds only what changes its program, so calls share the parts they can."""
+    condition_params = {"text_encoder": params["text_encoder"]}
+    if spec.mode != "text_to_image":
+        condition_params["vae"] = params["vae"]  # its encoder
+    condition_inputs = {k: inputs[k] for k in _CONDITION_INPUTS[spec.mode]}
+    denoise_inputs = {k: v for k, v in inputs.items() if k not in _NOT_DENOISE_INPUTS}
+    return {
+        "condition": (
+            ("condition", spec.mode, _avals(condition_inputs)),
+            condition_params,
+            condition_inputs,
+        ),
+        "denoise": (
+            ("denoise", spec, _avals(denoise_inputs)),
+            {"unet": params["unet"]},
+            denoise_inputs,
+        ),
+        "decode": (("decode", inputs["noise"].shape), {"vae": params["vae"]}, None),
+    }
+
+
+def _lower_parts(
+    args: dict[str, tuple],
+    spec: GenerateSpec,
+    options: tuple[tuple[str, Any], ...],
+    compiled: dict[tuple, jax.stages.Compiled],
+) -> dict[str, Any]:
+    """Lower the parts of a call (``_part_args``) that ``compiled`` (keyed as the parts'
+    keys) lacks, in order: each part's inputs are the one before's outputs, replicated,
+    so each can be lowered before the one before has compiled. ``spec.mesh`` must be
+    set. Returns ``{part: jax.stages.Lowered}``."""
+    jits = _part_jits(options, spec.mesh)
+    statics = {"config": spec.config, "dtype": spec.dtype, "mesh": spec.mesh}
+    lowered: dict[str, Any] = {}
+
+    def out_info(name: str) -> Any:
+        return (lowered[name] if name in lowered else compiled[args[name][0]]).out_info
+
+    key, params, part_inputs = args["condition"]
+    if key not in compiled:
+        lowered["condition"] = jits["condition"].lower(
+            params, part_inputs, mode=spec.mode, **statics
+        )
+    key, params, part_inputs = args["denoise"]
+    if key not in compiled:
+        lowered["denoise"] = jits["denoise"].lower(
+            params, out_info("condition"), part_inputs, spec=spec
+        )
+    key, params, _ = args["decode"]
+    if key not in compiled:
+        lowered["decode"] = jits["decode"].lower(params, out_info("denoise"), **statics)
+    return lowered
+
+
 def _compile_all(lowered: dict[str, Any]) -> dict[str, jax.stages.Compiled]:
     """Compile lowered programs, at the same time when there are several: XLA's
     compile releases the GIL, and on a GPU host most of it (passes, code generation)
@@ -759,58 +815,17 @@ class StableDiffusion:
     def _jitted(self) -> Any:
         return _generate_jit_with(self._compiler_options)
 
-    def _part_args(self, spec: GenerateSpec, inputs: dict[str, Any]) -> dict[str, tuple]:
-        """Each split program's (cache key, params, inputs) for a call: a part's key
-        holds only what changes its program, so calls share the parts they can."""
-        p = self.params
-        condition_params = {"text_encoder": p["text_encoder"]}
-        if spec.mode != "text_to_image":
-            condition_params["vae"] = p["vae"]  # its encoder
-        condition_inputs = {k: inputs[k] for k in _CONDITION_INPUTS[spec.mode]}
-        denoise_inputs = {k: v for k, v in inputs.items() if k not in _NOT_DENOISE_INPUTS}
-        return {
-            "condition": (
-                ("condition", spec.mode, _avals(condition_inputs)),
-                condition_params,
-                condition_inputs,
-            ),
-            "denoise": (
-                ("denoise", spec, _avals(denoise_inputs)),
-                {"unet": p["unet"]},
-                denoise_inputs,
-            ),
-            "decode": (("decode", inputs["noise"].shape), {"vae": p["vae"]}, None),
-        }
-
     def _compiled_parts(self, spec: GenerateSpec, inputs: dict[str, Any]) -> tuple:
-        """The call's three programs (:class:`CompiledParts`) and :meth:`_part_args`;
+        """The call's three programs (:class:`CompiledParts`) and :func:`_part_args`;
         the ones not compiled yet are lowered here, in order (each part's inputs are
         the one before's outputs, replicated), then compiled at the same time."""
-        args = self._part_args(spec, inputs)
+        args = _part_args(self.params, spec, inputs)
         missing = [name for name in PARTS if args[name][0] not in self._parts]
         if missing:
             start = time.perf_counter()
             if spec.progress:  # a first call's pause, explained
                 print(f"jaxdiff: compiling {', '.join(missing)} ...", file=sys.stderr, flush=True)
-            jits = _part_jits(self._compiler_options, self.mesh)
-            statics = {"config": spec.config, "dtype": spec.dtype, "mesh": spec.mesh}
-            lowered: dict[str, Any] = {}
-            key, params, part_inputs = args["condition"]
-            if "condition" in missing:
-                lowered["condition"] = jits["condition"].lower(
-                    params, part_inputs, mode=spec.mode, **statics
-                )
-            conditions = (
-                lowered["condition"] if "condition" in lowered else self._parts[key]
-            ).out_info
-            key, params, part_inputs = args["denoise"]
-            if "denoise" in missing:
-                lowered["denoise"] = jits["denoise"].lower(
-                    params, conditions, part_inputs, spec=spec
-                )
-            latents = (lowered["denoise"] if "denoise" in lowered else self._parts[key]).out_info
-            if "decode" in missing:
-                lowered["decode"] = jits["decode"].lower(args["decode"][1], latents, **statics)
+            lowered = _lower_parts(args, spec, self._compiler_options, self._parts)
             for name, compiled in _compile_all(lowered).items():
                 self._parts[args[name][0]] = compiled
             if spec.progress:
