@@ -308,6 +308,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b16", "t2i"),
         "need_s": 80.0,
     },
+    # The sampler as before change 28: every step recomputes the cross-attentions' keys
+    # and values of the (fixed) text context. XLA left them in the loop: one merged GEMM
+    # [1232, 768] x [768, 24960] per step, a copy of its concatenated weights and 44
+    # slices, transposes and pads after it. gpu_hlo.py (deviceless, H200): 831 kernels
+    # per loop step with the new default, 865 with this. Predicted: the default is ~0.2
+    # ms per step (~10 ms per 50-step call) faster than this.
+    "no_cross_kv": {
+        "patch": ("jaxdiff.pipeline", "_PRECOMPUTE_CROSS_KV", False),
+        "items": ("t2i",),
+        "need_s": 60.0,
+    },
     # Both of the above on the sampler, in one process: what they give the 1.6 s goal
     # together (run when named, after each has been measured alone).
     "t2i_layouts_staged_sums": {

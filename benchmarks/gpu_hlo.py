@@ -148,6 +148,43 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str]:
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 
 
+def _loop_invariant(lines: list[str]) -> set[str]:
+    """Instructions of a while body (its lines) whose values are the same in every
+    iteration: computed only from loop-state elements the body passes on unchanged
+    (and from constants). Such kernels could run once, before the loop."""
+    defs = {m.group(1): m for m in map(_INSTR.match, lines) if m}
+    root = next((ln for ln in lines if ln.lstrip().startswith("ROOT ")), "")
+    m = _INSTR.match(root)
+    if not m or m.group(3) != "tuple":
+        return set()
+    param = next((n for n, d in defs.items() if d.group(3) == "parameter"), None)
+    args = re.sub(r"/\*.*?\*/", "", m.group(4)).split(")")[0]
+    outs = [o.strip().lstrip("%") for o in args.split(",")]
+    index = re.compile(rf"%{re.escape(param or '')}\), index=(\d+)")
+
+    def element(name: str) -> int | None:  # i for get-tuple-element(param), index=i
+        d = defs.get(name)
+        if d is None or d.group(3) != "get-tuple-element":
+            return None
+        hit = index.search(d.group(4))
+        return int(hit.group(1)) if hit else None
+
+    kept = {i for i, out in enumerate(outs) if element(out) == i}
+    invariant: set[str] = set()
+    for name, d in defs.items():
+        op, rest = d.group(3), d.group(4)
+        if op == "get-tuple-element" and element(name) is not None:
+            if element(name) in kept:
+                invariant.add(name)
+            continue
+        if op in ("parameter", "rng", "rng-bit-generator") or "has_side_effect=true" in rest:
+            continue
+        operands = [o for o in re.findall(r"%([\w.\-]+)", rest.split("), ")[0]) if o in defs]
+        if (operands or op == "constant") and all(o in invariant for o in operands):
+            invariant.add(name)
+    return invariant
+
+
 def _kind(name: str, op: str, rest: str) -> str:
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     for prefix, kind in _LIBRARY:
@@ -164,15 +201,18 @@ def _kind(name: str, op: str, rest: str) -> str:
 def summarize(text: str) -> dict[str, Any]:
     """Kernels of an optimized GPU HLO module: in the entry computation ("program")
     and in the bodies of its while loops ("loop": once per iteration), each counted
-    with the bytes of its operands and results, grouped by ``gpu.py``'s
-    ``kernel_kind``. A conditional's branches are all counted (an upper bound), a
-    loop nested in a loop's body as part of that body."""
+    with the bytes of its operands and results (a slice's: what it writes, twice),
+    grouped by ``gpu.py``'s ``kernel_kind``; ``kernels["loop_invariant"]``: the loop's
+    kernels whose inputs do not change between iterations (see
+    :func:`_loop_invariant`: work XLA left in the loop). A conditional's branches are
+    all counted (an upper bound), a loop nested in a loop's body as part of that body."""
     comps, entry = _computations(text)
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
     kernels = collections.Counter()
 
     def walk(comp: str, where: str, seen: set) -> None:
         sizes: dict[str, int] = {}
+        invariant = _loop_invariant(comps[comp]) if where == "loop" else set()
         for line in comps[comp]:
             m = _INSTR.match(line)
             if not m:
@@ -192,11 +232,17 @@ def summarize(text: str) -> dict[str, Any]:
             if op in _NO_KERNEL:
                 continue
             operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-            moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
+            if op == "slice" or "slice" in name:
+                # A slice kernel reads only the part it writes, not its whole operand.
+                moved = 2 * sizes[name]
+            else:
+                moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
             group = groups[(where, _kind(name, op, rest))]
             group[0] += 1
             group[1] += moved
             kernels[where] += 1
+            if name in invariant:
+                kernels["loop_invariant"] += 1
 
     walk(entry, "program", {entry})
     return {
@@ -403,6 +449,7 @@ def _rows(results: dict[str, dict], card: dict) -> tuple[list[str], list[list[st
             s["notes"] = "; ".join(notes + ([p["error"][:80]] if "error" in p else []))
             for part in p.get("parts", {}).values():
                 s["compile_s"] += part["compile_s"]
+                s["loop invariant"] += part["kernels"].get("loop_invariant", 0)
                 for where, kind, n, b in part["groups"]:
                     s[f"{where} kernels"] += n
                     key = f"{where} {kind}"
@@ -423,6 +470,13 @@ def _rows(results: dict[str, dict], card: dict) -> tuple[list[str], list[list[st
             rows.append(
                 [f"  kernels {label}", *(f"{stats[v][f'{where} kernels']:.0f}" for v in names)]
             )
+            if where == "loop":
+                rows.append(
+                    [
+                        "    of which loop-invariant (the same every step)",
+                        *(f"{stats[v]['loop invariant']:.0f}" for v in names),
+                    ]
+                )
             rows.append(
                 [
                     f"  non-library traffic {label} (ms at {card['bw'] / 1e12:.2f} TB/s)",

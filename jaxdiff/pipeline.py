@@ -41,11 +41,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import layouts, samplers
 from jaxdiff.denoisers import classifier_free_guidance
+from jaxdiff.models.attention import cross_attention_kv
 from jaxdiff.models.autoencoder import scale_latents, vae_encode
 from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
 from jaxdiff.weights import pretrained
 
 MODES = ("text_to_image", "image_to_image", "inpaint")
+# Cross-attention keys and values computed once per call, outside the sampling loop
+# (XLA leaves loop-invariant matmuls inside a while loop: on the GPU, SD 1.5's 16 context
+# projections ran every step as one merged GEMM [1232, 768] x [768, 24960] with a copy
+# of the concatenated weights and 44 slices, transposes and pads after it). An
+# experiment switch (benchmarks/gpu.py's "no_cross_kv").
+_PRECOMPUTE_CROSS_KV = True
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -188,12 +195,19 @@ def denoise(params: dict, conditions: dict, inputs: dict, spec: GenerateSpec) ->
     # the devices even when B alone does not divide (one image on two devices: one
     # half each).
     shared = spec.mesh is None or spec.mesh.devices.size == 1
+    # The cross-attentions' keys and values of the guidance batch's context
+    # ([uncond; cond], as classifier_free_guidance builds it), once for all steps.
+    cross_kv = None
+    if _PRECOMPUTE_CROSS_KV:
+        context = jnp.concatenate([uncond, cond], axis=0)
+        cross_kv = cross_attention_kv(params["unet"], context, dtype)
+        cross_kv = jax.tree.map(lambda a: _split_over_mesh(a, spec.mesh, 0), cross_kv)
 
     def net_fn(x, t, context):
         if extra is not None:
             x = jnp.concatenate([x, extra if shared else jnp.concatenate([extra, extra])], -1)
         x, context = (_split_over_mesh(a, spec.mesh, 0) for a in (x, context))
-        return apply_unet(params["unet"], x, t, context, cfg, dtype)
+        return apply_unet(params["unet"], x, t, context, cfg, dtype, cross_kv=cross_kv)
 
     # diffusers runs no guidance when guidance_scale <= 1: the result is the conditional
     # prediction, which is what w = 1 gives.

@@ -374,35 +374,41 @@ _HLO_WITH_LOOP = "\n".join(
         f"  ROOT %add.1 = {_F32} add(%param_0, %param_0)",
         "}",
         "",
-        "%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {",
-        f"  %p = (s32[], {_F32}) parameter(0)",
+        "%body (p: (s32[], f32[4,8], f32[4,8])) -> (s32[], f32[4,8], f32[4,8]) {",
+        f"  %p = (s32[], {_F32}, {_F32}) parameter(0)",
         "  %i = s32[] get-tuple-element(%p), index=0",
         f"  %x = {_F32} get-tuple-element(%p), index=1",
+        f"  %k = {_F32} get-tuple-element(%p), index=2",
         _hlo_line(
             "cudnn-conv.1", "(bf16[4,8]{1,0}, u8[0]{0})", "custom-call", "%x",
             'custom_call_target="__cudnn$convForward"', "UNet/conv_in/conv_general_dilated",
         ),
+        # The same in every iteration: it reads only the state element passed on as is.
         _hlo_line(
-            "loop_add_fusion.2", _F32, "fusion", "%x", "kind=kLoop, calls=%fused_add",
+            "loop_add_fusion.1", _F32, "fusion", "%k", "kind=kLoop, calls=%fused_add",
             "UNet/resnets_0/add",
+        ),
+        _hlo_line(
+            "loop_add_fusion.2", _F32, "fusion", "%x, %loop_add_fusion.1",
+            "kind=kLoop, calls=%fused_add", "UNet/resnets_0/add",
         ),
         _hlo_line(
             "loop_convert_fusion.3", _F32, "fusion", "%loop_add_fusion.2",
             "kind=kLoop, calls=%fused_add", "UNet/resnets_0/convert_element_type",
         ),
-        f"  ROOT %t = (s32[], {_F32}) tuple(%i, %loop_convert_fusion.3)",
+        f"  ROOT %t = (s32[], {_F32}, {_F32}) tuple(%i, %loop_convert_fusion.3, /*index=2*/%k)",
         "}",
         "",
-        "%cond (p.1: (s32[], f32[4,8])) -> pred[] {",
-        f"  %p.1 = (s32[], {_F32}) parameter(0)",
+        "%cond (p.1: (s32[], f32[4,8], f32[4,8])) -> pred[] {",
+        f"  %p.1 = (s32[], {_F32}, {_F32}) parameter(0)",
         "  ROOT %c = pred[] constant(true)",
         "}",
         "",
-        "ENTRY %main (a: f32[4,8]) -> f32[4,4] {",
+        "ENTRY %main (a: f32[4,8]) -> f32[4,2] {",
         f"  %a = {_F32} parameter(0)",
         "  %z = s32[] constant(0)",
-        f"  %init = (s32[], {_F32}) tuple(%z, %a)",
-        f"  %w = (s32[], {_F32}) while(%init), condition=%cond, body=%body",
+        f"  %init = (s32[], {_F32}, {_F32}) tuple(%z, %a, %a)",
+        f"  %w = (s32[], {_F32}, {_F32}) while(%init), condition=%cond, body=%body",
         f"  %out = {_F32} get-tuple-element(%w), index=1",
         _hlo_line(
             "wrapped_transpose.1", "f32[8,4]{1,0}", "fusion", "%out",
@@ -412,7 +418,11 @@ _HLO_WITH_LOOP = "\n".join(
             "cublas-gemm.1", "(f32[4,4]{1,0}, s8[16]{0})", "custom-call",
             "%a, %wrapped_transpose.1", 'custom_call_target="__cublas$gemm"', "dot_general",
         ),
-        "  ROOT %r = f32[4,4]{1,0} get-tuple-element(%cublas-gemm.1), index=0",
+        _hlo_line(
+            "wrapped_slice.2", "f32[4,2]{1,0}", "fusion", "%cublas-gemm.1",
+            "kind=kLoop, calls=%fused_add", "UNet/to_k/dot_general",
+        ),
+        "  ROOT %r = f32[4,2]{1,0} copy(%wrapped_slice.2)",
         "}",
         "",
     ]
@@ -425,16 +435,19 @@ def test_gpu_hlo_summary_counts_kernels_in_the_program_and_per_loop_step():
 
     assert gpu_hlo.shape_bytes("(bf16[2,3]{1,0}, f32[4]{0}, u8[0]{0})") == 12 + 16
     summary = gpu_hlo.summarize(_HLO_WITH_LOOP)
-    assert summary["kernels"] == {"program": 2, "loop": 3}
+    assert summary["kernels"] == {"program": 4, "loop": 4, "loop_invariant": 1}
     groups = {(where, kind): (n, b) for where, kind, n, b in summary["groups"]}
     assert groups == {
         # result 64 + 0 bytes, operand 128
         ("loop", "convolution (library)"): (1, 192),
-        ("loop", "UNet: resnets/add"): (1, 256),
+        ("loop", "UNet: resnets/add"): (2, 256 + 384),
         ("loop", "UNet: resnets/convert_element_type"): (1, 256),
         ("program", "outside modules: transpose"): (1, 256),
         # result 64 + 16 bytes, operands 128 + 128
         ("program", "matmul (library)"): (1, 336),
+        # a slice reads what it writes (32 bytes), not its whole operand
+        ("program", "UNet: to_k/dot_general"): (1, 64),
+        ("program", "unmapped"): (1, 64),
     }
     with pytest.raises(ValueError, match="ENTRY"):
         gpu_hlo.summarize("HloModule empty\n")

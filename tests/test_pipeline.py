@@ -7,6 +7,8 @@ latents with the same prompts and must give the same uint8 images.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,9 +176,9 @@ def test_one_image_splits_the_guidance_pair_over_devices(sd1, monkeypatch):
     unet_batches = []
     apply_unet = pipeline_mod.apply_unet
 
-    def recording_unet(params, x, t, context, *args):
+    def recording_unet(params, x, t, context, *args, **kwargs):
         unet_batches.append((x.shape[0], context.shape[0]))
-        return apply_unet(params, x, t, context, *args)
+        return apply_unet(params, x, t, context, *args, **kwargs)
 
     monkeypatch.setattr(pipeline_mod, "apply_unet", recording_unet)
     pipeline_mod._clear_program_caches()
@@ -207,6 +209,50 @@ def test_one_image_splits_the_guidance_pair_over_devices(sd1, monkeypatch):
     eight = {(shape[0], axis, done) for n, shape, axis, done in split_calls if n == 8}
     assert (8, 0, True) in eight  # padded to 4 images: a guidance batch of 8
     assert set(unet_batches) == {(2, 2), (8, 8)}
+
+
+def _dots_in_loops(jaxpr, in_loop: bool = False) -> int:
+    """Matmuls (dot_general) inside scan / while bodies of a jaxpr, nested jaxprs included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += in_loop and eqn.primitive.name == "dot_general"
+        loop = in_loop or eqn.primitive.name in ("scan", "while")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    n += _dots_in_loops(sub, loop)
+    return n
+
+
+def test_cross_attention_kv_leave_the_sampling_loop(sd1, monkeypatch):
+    """The cross-attentions' keys and values are computed once per call, outside the
+    loop: two matmuls fewer per cross-attention in the loop, the same images (8
+    devices and one)."""
+    _, _, pipe = sd1
+    one = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
+    n_cross = sum(
+        "attn2" in jax.tree_util.keystr(p) and "to_k" in jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(pipe.params["unet"])
+        if jax.tree_util.keystr(p).endswith("['kernel']")
+    )
+    assert n_cross > 0
+    kw = dict(steps=3, sampler="dpmpp_2m", seed=4, progress=False)
+    images, loop_dots = {}, {}
+    for on in (True, False):
+        monkeypatch.setattr(pipeline_mod, "_PRECOMPUTE_CROSS_KV", on)
+        pipeline_mod._clear_program_caches()
+        for p in (pipe, one):
+            p._parts.clear()
+            images[on, p is one] = p.text_to_image(PROMPTS[:3], **kw)
+        spec, inputs, _ = pipe._prepare("text_to_image", PROMPTS[:3], **kw)
+        generate = functools.partial(pipeline_mod.generate, spec=spec)
+        jaxpr = jax.make_jaxpr(generate)(pipe.params, inputs)
+        loop_dots[on] = _dots_in_loops(jaxpr.jaxpr)
+    assert loop_dots[False] - loop_dots[True] == 2 * n_cross
+    for devices_one in (False, True):
+        a, b = images[True, devices_one], images[False, devices_one]
+        assert _mad(a, b) <= 0.01 and np.abs(a.astype(int) - b).max() <= 1
 
 
 def test_batch_padding_and_split_over_mesh():

@@ -21,7 +21,11 @@ from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D  # noqa: E402
 from diffusers.models.upsampling import Upsample2D as TorchUpsample2D  # noqa: E402
 
-from jaxdiff.models.attention import dot_product_attention  # noqa: E402
+from jaxdiff.models.attention import (  # noqa: E402
+    CROSS_KV,
+    cross_attention_kv,
+    dot_product_attention,
+)
 from jaxdiff.models.layers import (  # noqa: E402
     Downsample2D,
     GroupNorm,
@@ -215,6 +219,57 @@ def test_sample_shared_by_contexts_matches_tiled_reference(case, torch_unets):
     x_tiled = np.tile(x, (k, 1, 1, 1)).transpose(0, 2, 3, 1)
     tiled = apply({"params": params}, x_tiled, np.tile(t, k), ctx)
     np.testing.assert_allclose(out, np.asarray(tiled).transpose(0, 3, 1, 2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, k", [("sd2", 1), ("sd1", 2)])
+def test_precomputed_cross_kv_matches_diffusers(name, k, torch_unets):
+    # The cross-attentions' keys and values computed once outside the UNet (as the
+    # pipeline does for its sampling loop): the reference's output, the plain call's
+    # numbers, and no to_k/to_v matmul left in the call.
+    tm = torch_unets[name]
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    params = state_dict_to_params(_numpy_state_dict(tm), unet_abstract_params(cfg))
+    h, w, seq, t = INPUTS[name]
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, cfg.in_channels, h, w)).astype(np.float32)
+    ctx = rng.standard_normal((k * 2, seq, cfg.cross_attention_dim)).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(
+            torch.from_numpy(np.tile(x, (k, 1, 1, 1))),
+            torch.from_numpy(np.tile(t, k)),
+            torch.from_numpy(ctx),
+        ).sample.numpy()
+
+    kv = jax.jit(cross_attention_kv)(params, ctx)
+
+    # One {"k", "v"} per cross-attention, where its params are.
+    def keys(tree):
+        return [tuple(e.key for e in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+    want = {p[: p.index("attn2") + 1] for p in keys(params) if "attn2" in p}
+    assert sorted(keys(kv)) == sorted(p + (kind,) for p in want for kind in "kv")
+    assert len(want) == sum(n.endswith(".attn2") for n, _ in tm.named_modules())
+
+    model = UNet2DConditionModel(cfg)
+    xh = x.transpose(0, 2, 3, 1)
+    with_kv = lambda kv, x: model.apply({"params": params, CROSS_KV: kv}, x, t, ctx)
+    out = np.asarray(jax.jit(with_kv)(kv, xh)).transpose(0, 3, 1, 2)
+    plain = np.asarray(jax.jit(model.apply)({"params": params}, xh, t, ctx)).transpose(0, 3, 1, 2)
+    diff = float(np.max(np.abs(out - ref)))
+    print(f"\n[{name} precomputed K/V] max|diff| = {diff:.3g}")
+    assert diff <= TOL
+    np.testing.assert_allclose(out, plain, rtol=0, atol=1e-5)
+
+    def dots(fn, *args):
+        return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+    n_dots = dots(lambda x: model.apply({"params": params}, x, t, ctx), xh)
+    assert dots(with_kv, kv, xh) == n_dots - 2 * len(want)
+
+    # Keys of another context's length are refused by name.
+    short = jax.tree.map(lambda a: a[:, :-1], kv)
+    with pytest.raises(ValueError, match="attn2: precomputed keys"):
+        with_kv(short, xh)
 
 
 def test_bf16_compute_tracks_fp32_reference(torch_unets):

@@ -20,12 +20,23 @@ for prompt-to-prompt style attention editing and for memory-efficient or
 custom kernels. The UNet passes one ``attention_fn`` down to every block.
 LoRA needs no seam here: it either merges into the ``to_q/to_k/to_v/to_out_0``
 kernels or wraps those ``nn.Dense`` calls with ``flax.linen.intercept_methods``.
+
+Keys and values of a fixed context
+----------------------------------
+Cross-attention's keys and values depend only on the text context and the
+weights, so a sampler's loop would recompute the same ones every step (XLA's
+GPU compiler does not move matmuls out of a ``while`` loop). :func:`cross_attention_kv`
+computes them once, and the UNet takes them as the ``"cross_kv"`` variable
+collection (``model.apply({"params": p, "cross_kv": kv}, ...)``): each ``attn2``
+then reads its own ``k``/``v`` instead of calling ``to_k``/``to_v``. The numbers
+are the same ``nn.Dense`` products; a ``to_k``/``to_v`` interceptor must also
+wrap :func:`cross_attention_kv`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -40,6 +51,8 @@ AttentionFn = Callable[["Attention", jax.Array, jax.Array, jax.Array], jax.Array
 
 __all__ = [
     "AttentionFn",
+    "CROSS_KV",
+    "cross_attention_kv",
     "dot_product_attention",
     "Attention",
     "GEGLU",
@@ -61,6 +74,8 @@ _GEGLU_GELU = "erf"
 # run as XLA's einsums (two matmuls, a softmax, head transposes: ~8 kernels each).
 # 128 until benchmarks/gpu.py's "cudnn_head_256" experiment has measured 256.
 _CUDNN_MAX_HEAD = 128
+# The variable collection that carries precomputed cross-attention keys and values.
+CROSS_KV = "cross_kv"
 
 
 def dot_product_attention(
@@ -368,11 +383,54 @@ class Attention(nn.Module):
         ctx = x if context is None else context.astype(self.dtype)
         b, t, c = x.shape
         q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
-        k = nn.Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(ctx)
-        v = nn.Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(ctx)
+        if context is not None and self.has_variable(CROSS_KV, "k"):
+            # Precomputed for this context (see cross_attention_kv).
+            k, v = self.get_variable(CROSS_KV, "k"), self.get_variable(CROSS_KV, "v")
+            if k.shape[:2] != ctx.shape[:2] or k.shape[-1] != inner:
+                raise ValueError(
+                    f"{self.name}: precomputed keys {k.shape} do not fit the context "
+                    f"{ctx.shape} and {inner} channels"
+                )
+        else:
+            k = nn.Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(ctx)
+            v = nn.Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(ctx)
         split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)
         out = self.attend(split(q), split(k), split(v))
         return nn.Dense(c, name="to_out_0", **kw)(out.reshape(b, t, inner))
+
+
+def cross_attention_kv(params: Mapping, context: jax.Array, dtype: Dtype = jnp.float32) -> dict:
+    """Every cross-attention's keys and values for ``context``, computed once.
+
+    Args:
+      params: params of a network built from these modules (e.g. the UNet's); each
+        subtree named ``attn2`` is a cross-attention (see :class:`BasicTransformerBlock`).
+      context: [B, S, D], as the network would get it.
+      dtype: the network's compute dtype.
+
+    Returns:
+      A tree like ``params`` with ``{"k", "v"}`` [B, S, inner] in place of each
+      ``attn2``, for the ``"cross_kv"`` collection (:data:`CROSS_KV`): the same
+      ``to_k``/``to_v`` products the modules would compute.
+    """
+    ctx = context.astype(dtype)
+
+    def project(p: Mapping) -> jax.Array:
+        dense = nn.Dense(p["kernel"].shape[-1], use_bias="bias" in p, dtype=dtype)
+        return dense.apply({"params": p}, ctx)
+
+    def walk(tree: Mapping) -> dict:
+        out = {}
+        for name, sub in tree.items():
+            if not isinstance(sub, Mapping):
+                continue
+            if name == "attn2":
+                out[name] = {"k": project(sub["to_k"]), "v": project(sub["to_v"])}
+            elif found := walk(sub):
+                out[name] = found
+        return out
+
+    return walk(params)
 
 
 class GEGLU(nn.Module):

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.attention import CROSS_KV
 from jaxdiff.models.autoencoder import (
     AutoencoderConfig,
     abstract_autoencoder_params,
@@ -96,15 +97,22 @@ def apply_unet(
     config: SDConfig,
     dtype: Dtype = jnp.float32,
     remat: bool = False,
+    cross_kv: dict | None = None,
 ) -> jax.Array:
     """The network output (eps, v or x0 per the scheduler config) in float32.
 
     ``context``'s batch may be a multiple k of ``x``'s: the output is then that of
     ``x`` tiled k times (see :class:`UNet2DConditionModel`), computed with the layers
-    before the first cross-attention run once.
+    before the first cross-attention run once. ``cross_kv``: the cross-attention keys
+    and values of this ``context`` from
+    :func:`jaxdiff.models.attention.cross_attention_kv`, computed once for
+    many calls (a sampler's steps) instead of in each.
     """
     model = UNet2DConditionModel(config.unet, dtype=dtype, remat=remat)
-    return model.apply({"params": params}, x, t, context).astype(jnp.float32)
+    variables = {"params": params}
+    if cross_kv is not None:
+        variables[CROSS_KV] = cross_kv
+    return model.apply(variables, x, t, context).astype(jnp.float32)
 
 
 def encode_images(
