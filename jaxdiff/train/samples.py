@@ -19,6 +19,7 @@ from PIL import Image
 
 from jaxdiff import samplers
 from jaxdiff.denoisers import classifier_free_guidance
+from jaxdiff.models.attention import cross_attention_kv
 from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
 
 
@@ -50,9 +51,13 @@ def text_to_image(
     cond = encode_text(params["text_encoder"], input_ids, config)
     uncond = encode_text(params["text_encoder"], uncond_ids, config)
 
+    # The cross-attentions' keys and values of the guidance batch [uncond; cond], once
+    # rather than at every step (see jaxdiff.pipeline.denoise).
+    cross_kv = cross_attention_kv(params["unet"], jnp.concatenate([uncond, cond], axis=0))
+
     def net(x, t, context):
         t = jnp.broadcast_to(t, (x.shape[0],))
-        return apply_unet(params["unet"], x, t, context, config)
+        return apply_unet(params["unet"], x, t, context, config, cross_kv=cross_kv)
 
     # shared_sample: the UNet's layers before its first cross-attention run once.
     model_fn = classifier_free_guidance(net, cond, uncond, guidance_scale, shared_sample=True)
