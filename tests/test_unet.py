@@ -184,6 +184,17 @@ _PLAIN_FIRST = dict(
 )
 
 
+def _tiled_reference(tm, x: np.ndarray, t, ctx: np.ndarray, k: int) -> np.ndarray:
+    """diffusers' output for the sample x (NCHW) tiled k times with its timesteps:
+    classifier-free guidance's batch for k = 2."""
+    with torch.no_grad():
+        return tm(
+            torch.from_numpy(np.tile(x, (k, 1, 1, 1))),
+            torch.from_numpy(np.tile(t, k)),
+            torch.from_numpy(ctx),
+        ).sample.numpy()
+
+
 @pytest.mark.parametrize("case", ["sd1", "plain_first"])
 def test_sample_shared_by_contexts_matches_tiled_reference(case, torch_unets):
     # encoder_hidden_states with k times the sample's batch: the output must be the
@@ -199,12 +210,7 @@ def test_sample_shared_by_contexts_matches_tiled_reference(case, torch_unets):
     x = rng.standard_normal((b, cfg.in_channels, h, w)).astype(np.float32)
     ctx = rng.standard_normal((k * b, seq, cfg.cross_attention_dim)).astype(np.float32)
     t = np.array([20, 640][:b], np.int64)
-    with torch.no_grad():
-        ref = tm(
-            torch.from_numpy(np.tile(x, (k, 1, 1, 1))),
-            torch.from_numpy(np.tile(t, k)),
-            torch.from_numpy(ctx),
-        ).sample.numpy()
+    ref = _tiled_reference(tm, x, t, ctx, k)
 
     model = UNet2DConditionModel(cfg)
     apply = jax.jit(model.apply)
@@ -233,12 +239,7 @@ def test_precomputed_cross_kv_matches_diffusers(name, k, torch_unets):
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, cfg.in_channels, h, w)).astype(np.float32)
     ctx = rng.standard_normal((k * 2, seq, cfg.cross_attention_dim)).astype(np.float32)
-    with torch.no_grad():
-        ref = tm(
-            torch.from_numpy(np.tile(x, (k, 1, 1, 1))),
-            torch.from_numpy(np.tile(t, k)),
-            torch.from_numpy(ctx),
-        ).sample.numpy()
+    ref = _tiled_reference(tm, x, t, ctx, k)
 
     kv = jax.jit(cross_attention_kv)(params, ctx)
 
