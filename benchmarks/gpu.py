@@ -72,8 +72,8 @@ CONTENDERS = ("jaxdiff", "torch", "flax039", "torch_compile")
 NEEDS_S = {"jaxdiff": 280.0, "torch": 60.0, "flax039": 150.0, "torch_compile": 100.0}
 # Experiments: the jaxdiff worker again with one change, on a few items, as the
 # contender "jaxdiff+NAME" (run after jaxdiff, before the peers). "patch" sets a
-# module constant before anything is traced; "xla_flags" is appended to XLA_FLAGS;
-# "options" go to the jaxdiff worker (runner.options); "need_s" as NEEDS_S
+# module constant before anything is traced ("patches": several); "xla_flags" is
+# appended to XLA_FLAGS; "options" go to the jaxdiff worker (runner.options); "need_s" as NEEDS_S
 # (VARIANT_NEED_S unless given); "cold": no shared XLA cache. Run in this order;
 # "default": False marks the ones that run only when named (--variants).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -318,9 +318,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "patch": ("jaxdiff.pipeline", "_PRECOMPUTE_CROSS_KV", False),
         "items": ("t2i",),
         "need_s": 60.0,
+        "default": False,  # session14_forms runs both
     },
-    # Both of the above on the sampler, in one process: what they give the 1.6 s goal
-    # together (run when named, after each has been measured alone).
+    # Before change 29: the resnets' time-embedding add folded into conv1's cuDNN call
+    # as a side input, the broadcast embedding written out at full size first.
+    # gpu_hlo.py (H200, batch 16): 936 -> 953 kernels per UNet call, 814 -> 831 per
+    # sampler step, ~0.15 ms more traffic each. Predicted: the default -0.15 to -0.2 ms
+    # per call and per step. (The train step keeps this form: temb_in_norm=False.)
+    "temb_side_input": {
+        "patch": ("jaxdiff.models.layers", "_TEMB_IN_NORM", False),
+        "items": ("unet_b16", "t2i"),
+        "need_s": 80.0,
+        "default": False,  # session14_forms runs both
+    },
+    # The sampler and the UNet as session 14 compiled them (changes 28 and 29 both
+    # undone): their joint A/B in one experiment's time.
+    "session14_forms": {
+        "patches": (
+            ("jaxdiff.pipeline", "_PRECOMPUTE_CROSS_KV", False),
+            ("jaxdiff.models.layers", "_TEMB_IN_NORM", False),
+        ),
+        "items": ("unet_b16", "t2i"),
+        "need_s": 80.0,
+    },
+    # t2i_param_layouts and groupnorm_staged_sums on the sampler, in one process: what
+    # they give the 1.6 s goal together (run when named, after each has been measured
+    # alone).
     "t2i_layouts_staged_sums": {
         "patch": ("jaxdiff.models.layers", "_GROUPNORM_STAGED_SUMS", True),
         "options": {"param_layouts": True},
@@ -1139,6 +1162,17 @@ def compile_phases(events: list[tuple[str, float]]) -> dict[str, float]:
     return out
 
 
+def variant_patches(spec: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """A variant's module patches: ``(module, constant, value)`` each."""
+    return ([spec["patch"]] if "patch" in spec else []) + list(spec.get("patches", ()))
+
+
+def apply_patches(spec: dict[str, Any]) -> None:
+    """Set a variant's module constants (before anything is traced)."""
+    for module, attr, value in variant_patches(spec):
+        setattr(importlib.import_module(module), attr, value)
+
+
 def dispatch_ms(
     fn, *args, keep: bool = False, donate: bool = False, calls: int = 30
 ) -> tuple[float, Any]:
@@ -1644,9 +1678,7 @@ def _worker_main(args: argparse.Namespace) -> None:
     runner.selected = set(args.items or ())
     if args.variant:
         spec = VARIANTS[args.variant]
-        if "patch" in spec:
-            module, attr, value = spec["patch"]
-            setattr(importlib.import_module(module), attr, value)
+        apply_patches(spec)
         runner.options.update(spec.get("options", {}))
         runner.result["info"]["variant"] = {
             k: v for k, v in spec.items() if k not in ("items", "default", "need_s")

@@ -47,7 +47,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
-from benchmarks.gpu import CONFIGS, VARIANTS, kernel_kind, sd_config  # noqa: E402
+from benchmarks.gpu import CONFIGS, VARIANTS, apply_patches, kernel_kind, sd_config  # noqa: E402
 
 # Cards (public specifications): SMs, HBM bandwidth and size, boost clock, L2; both
 # compute capability 9.0. The strings are XLA's GpuTargetConfig text protos.
@@ -394,9 +394,7 @@ def _worker(args: argparse.Namespace) -> None:
     from jax.sharding import Mesh
 
     spec = VARIANTS.get(args.variant, {})
-    if "patch" in spec:
-        module, attr, value = spec["patch"]
-        setattr(importlib.import_module(module), attr, value)
+    apply_patches(spec)
     devices = _pretend_gpu(args.target) if args.platform == "cuda" else jax.devices()[:1]
     mesh = Mesh(devices, ("data",))
     cfg = CONFIGS["tiny" if args.tiny else "sd15"]

@@ -235,11 +235,12 @@ def test_gpu_experiments_patch_switches_that_exist():
     would be set without effect, and the device run would time the default twice)."""
     import importlib
 
-    patched = [name for name, spec in gpu.VARIANTS.items() if "patch" in spec]
+    patched = [name for name, spec in gpu.VARIANTS.items() if gpu.variant_patches(spec)]
     for name in patched:
-        module, attr, _ = gpu.VARIANTS[name]["patch"]
-        assert hasattr(importlib.import_module(module), attr), name
+        for module, attr, _ in gpu.variant_patches(gpu.VARIANTS[name]):
+            assert hasattr(importlib.import_module(module), attr), name
     assert "cudnn_head_256" in patched
+    assert len(gpu.variant_patches(gpu.VARIANTS["session14_forms"])) == 2
 
 
 def test_gpu_device_spans_split_calls_at_the_widest_gaps():

@@ -887,6 +887,45 @@ def test_groupnorm_staged_sums_agree(monkeypatch, offset):
         assert np.abs(results[True][0]).max() > 0.5  # normalised, not zeros
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_groupnorm_offset_equals_adding_it_first(monkeypatch, one_pass):
+    """GroupNorm(x, offset) is GroupNorm(x + offset) (both statistics paths), gradients
+    to x and the offset included; the resnet's two forms of its time embedding
+    (inside norm2, the default, or added to conv1's output) agree."""
+    import jaxdiff.models.layers as layers
+
+    monkeypatch.setattr(layers, "_ONE_PASS_GROUPNORM", one_pass)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((2, 5, 6, 32)), jnp.float32)
+    offset = jnp.asarray(3.0 * rng.standard_normal((2, 32)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    norm = GroupNorm(8, 1e-5)
+    params = norm.init(jax.random.key(0), x)
+
+    def loss(x, offset, inside):
+        y = (
+            norm.apply(params, x, offset)
+            if inside
+            else norm.apply(params, x + offset[:, None, None])
+        )
+        return jnp.sum(y * weight)
+
+    (a, ga), (b, gb) = (jax.value_and_grad(loss, (0, 1))(x, offset, i) for i in (True, False))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for u, v in zip(ga, gb, strict=True):
+        np.testing.assert_allclose(u, v, atol=1e-5)
+    assert float(jnp.abs(gb[1]).max()) > 1e-3  # the offset's gradient is not trivially 0
+
+    temb = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+    block_params = ResnetBlock2D(48, groups=8).init(jax.random.key(1), x, temb)
+    outs = {}
+    for form in (None, True, False):  # None: layers._TEMB_IN_NORM's default (True)
+        block = ResnetBlock2D(48, groups=8, temb_in_norm=form)
+        outs[form] = np.asarray(jax.jit(block.apply)(block_params, x, temb))
+    np.testing.assert_array_equal(outs[None], outs[True])
+    np.testing.assert_allclose(outs[True], outs[False], atol=2e-5)
+
+
 def test_dtypes_validation_and_attention_hook():
     cfg = UNetConfig.from_diffusers(CONFIGS["sd2"])
     abstract = unet_abstract_params(cfg)

@@ -243,6 +243,19 @@ _GROUPNORM_SPLIT_SUMS: bool | str = "auto"
 _GROUPNORM_STAGED_SUMS: bool = False
 
 
+# The resnets' time embedding added inside norm2, in fp32 (GroupNorm's ``offset``),
+# rather than to conv1's output before it: the default of ResnetBlock2D's
+# ``temb_in_norm=None``. XLA's GPU compiler folds the add after conv1 into conv1's
+# cuDNN call as a side input, which needs the broadcast embedding written out at full
+# size first: 22 kernels and ~0.7 GB of traffic per batch-16 SD 1.5 UNet call or
+# sampler step (benchmarks/gpu_hlo.py). Inside the norm it fuses into the norm's
+# kernels. The same numbers in fp32; in bf16 the add itself is fp32 now. The train
+# step keeps the add after conv1 (temb_in_norm=False): its backward moves ~0.2 ms
+# more per step the other way. An experiment switch (benchmarks/gpu.py's
+# "temb_side_input" sets False).
+_TEMB_IN_NORM = True
+
+
 def _cpu_unless_set(switch: bool | str) -> bool:
     """A module switch's value: as set, or for "auto" whether the backend is the CPU."""
     return jax.default_backend() == "cpu" if switch == "auto" else bool(switch)
@@ -281,8 +294,11 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Normalise ``x`` [B, ..., C] per (sample, group); returns the same shape in ``dtype``."""
+    def __call__(self, x: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` [B, ..., C] per (sample, group); returns the same shape in ``dtype``.
+
+        ``offset`` [B, C]: added to ``x`` first, in fp32, at every position (the
+        resnets' time embedding)."""
         c = x.shape[-1]
         if x.ndim < 2 or c % self.num_groups != 0:
             raise ValueError(
@@ -291,7 +307,10 @@ class GroupNorm(nn.Module):
             )
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        g = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        xf = x.astype(jnp.float32)
+        if offset is not None:
+            xf = xf + offset.astype(jnp.float32).reshape(x.shape[0], *[1] * (x.ndim - 2), c)
+        g = xf.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         # Reduce over every spatial axis and the channels inside a group.
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
         if x.ndim >= 3 and _cpu_unless_set(_ONE_PASS_GROUPNORM):
@@ -341,6 +360,8 @@ class ResnetBlock2D(nn.Module):
       eps: GroupNorm epsilon (the UNet's ``norm_eps``).
       dropout: dropout rate before ``conv2`` (0 in Stable Diffusion).
       deterministic: disable dropout; when False an rng named ``"dropout"`` is needed.
+      temb_in_norm: add the time embedding inside ``norm2`` (in fp32) rather than to
+        ``conv1``'s output; the same result (see ``_TEMB_IN_NORM``; None: that default).
     """
 
     out_channels: int | None = None
@@ -348,6 +369,7 @@ class ResnetBlock2D(nn.Module):
     eps: float = 1e-5
     dropout: float = 0.0
     deterministic: bool = True
+    temb_in_norm: bool | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -367,8 +389,12 @@ class ResnetBlock2D(nn.Module):
         if temb is not None:
             t = nn.Dense(cout, name="time_emb_proj", **kw)(nn.silu(temb.astype(self.dtype)))
             # A shared sample's embedding meets the tiled batch (see tile_batch).
-            h = h + tile_batch(t, h.shape[0])[:, None, None, :]
-        h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
+            t = tile_batch(t, h.shape[0])
+            if not (_TEMB_IN_NORM if self.temb_in_norm is None else self.temb_in_norm):
+                h, t = h + t[:, None, None, :], None
+        else:
+            t = None
+        h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h, offset=t)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
         h = conv3x3(cout, name="conv2", **kw)(h)

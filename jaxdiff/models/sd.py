@@ -98,6 +98,7 @@ def apply_unet(
     dtype: Dtype = jnp.float32,
     remat: bool = False,
     cross_kv: dict | None = None,
+    temb_in_norm: bool | None = None,
 ) -> jax.Array:
     """The network output (eps, v or x0 per the scheduler config) in float32.
 
@@ -106,9 +107,10 @@ def apply_unet(
     before the first cross-attention run once. ``cross_kv``: the cross-attention keys
     and values of this ``context`` from
     :func:`jaxdiff.models.attention.cross_attention_kv`, computed once for
-    many calls (a sampler's steps) instead of in each.
+    many calls (a sampler's steps) instead of in each. ``temb_in_norm``: see
+    :class:`~jaxdiff.models.layers.ResnetBlock2D` (the train step passes False).
     """
-    model = UNet2DConditionModel(config.unet, dtype=dtype, remat=remat)
+    model = UNet2DConditionModel(config.unet, dtype=dtype, remat=remat, temb_in_norm=temb_in_norm)
     variables = {"params": params}
     if cross_kv is not None:
         variables[CROSS_KV] = cross_kv

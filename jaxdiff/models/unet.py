@@ -348,6 +348,7 @@ class _Block(nn.Module):
     remat: bool = False
     deterministic: bool = True
     attention_fn: AttentionFn | None = None
+    temb_in_norm: bool | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -360,6 +361,7 @@ class _Block(nn.Module):
             eps=cfg.norm_eps,
             dropout=cfg.dropout,
             deterministic=self.deterministic,
+            temb_in_norm=self.temb_in_norm,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -490,6 +492,8 @@ class UNet2DConditionModel(nn.Module):
         compute for activation memory in training; params are unchanged.
       attention_fn: the attention hook of :mod:`jaxdiff.models.attention`,
         passed to every attention layer.
+      temb_in_norm: where the resnets add the time embedding (see
+        :class:`~jaxdiff.models.layers.ResnetBlock2D`; the same result either way).
     """
 
     config: UNetConfig
@@ -497,6 +501,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention_fn: AttentionFn | None = None
+    temb_in_norm: bool | None = None
 
     @nn.compact
     def __call__(
@@ -557,6 +562,7 @@ class UNet2DConditionModel(nn.Module):
             remat=self.remat,
             deterministic=not train,
             attention_fn=self.attention_fn,
+            temb_in_norm=self.temb_in_norm,
             **kw,
         )
         context = encoder_hidden_states.astype(self.dtype)

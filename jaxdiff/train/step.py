@@ -167,7 +167,11 @@ def diffusion_loss(
     if "text_encoder" not in step_cfg.trainable:
         context = jax.lax.stop_gradient(context)
 
-    pred = apply_unet(params["unet"], x_t, t, context, config, dtype, step_cfg.remat)
+    # The time embedding added after conv1: in the backward pass the add inside norm2
+    # costs more than it saves (see layers._TEMB_IN_NORM).
+    pred = apply_unet(
+        params["unet"], x_t, t, context, config, dtype, step_cfg.remat, temb_in_norm=False
+    )
     target = schedules.training_target(prediction_type, latents, noise, t, alphas_cumprod)
     per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
     if step_cfg.snr_gamma is not None:
