@@ -311,9 +311,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The sampler as before change 28: every step recomputes the cross-attentions' keys
     # and values of the (fixed) text context. XLA left them in the loop: one merged GEMM
     # [1232, 768] x [768, 24960] per step, a copy of its concatenated weights and 44
-    # slices, transposes and pads after it. gpu_hlo.py (deviceless, H200): 831 kernels
-    # per loop step with the new default, 865 with this. Predicted: the default is ~0.2
-    # ms per step (~10 ms per 50-step call) faster than this.
+    # slices, transposes and pads after it. gpu_hlo.py (deviceless, H200): 848 kernels
+    # per loop step with this, 814 with the default. Predicted: the default is ~0.2 ms
+    # per step (~10 ms per 50-step call) faster than this.
     "no_cross_kv": {
         "patch": ("jaxdiff.pipeline", "_PRECOMPUTE_CROSS_KV", False),
         "items": ("t2i",),
