@@ -232,7 +232,7 @@ def summarize(text: str) -> dict[str, Any]:
             if op in _NO_KERNEL:
                 continue
             operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-            if op == "slice" or "slice" in name:
+            if op == "slice" or ("slice" in name and "update_slice" not in name):
                 # A slice kernel reads only the part it writes, not its whole operand.
                 moved = 2 * sizes[name]
             else:

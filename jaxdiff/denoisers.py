@@ -112,6 +112,13 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale: jax.A
     return jnp.where(phi == 0, guided, mixed)
 
 
+def guidance_context(cond: Any, uncond: Any) -> Any:
+    """The guided call's conditioning batch: ``uncond`` and ``cond`` concatenated leaf
+    by leaf along axis 0, [uncond; cond] (diffusers' order), as
+    :func:`classifier_free_guidance` passes it to ``net_fn``."""
+    return jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+
+
 def classifier_free_guidance(
     net_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
     cond: Any,
@@ -151,7 +158,7 @@ def classifier_free_guidance(
                 f"cond and uncond leaves must have equal shapes, got {jnp.shape(c)} (cond) "
                 f"and {jnp.shape(u)} (uncond)"
             )
-    context = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+    context = guidance_context(cond, uncond)
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         out = net_fn(x if shared_sample else jnp.concatenate([x, x], axis=0), t, context)

@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import layouts, samplers
-from jaxdiff.denoisers import classifier_free_guidance
+from jaxdiff.denoisers import classifier_free_guidance, guidance_context
 from jaxdiff.models.attention import cross_attention_kv
 from jaxdiff.models.autoencoder import scale_latents, vae_encode
 from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
@@ -195,12 +195,11 @@ def denoise(params: dict, conditions: dict, inputs: dict, spec: GenerateSpec) ->
     # the devices even when B alone does not divide (one image on two devices: one
     # half each).
     shared = spec.mesh is None or spec.mesh.devices.size == 1
-    # The cross-attentions' keys and values of the guidance batch's context
-    # ([uncond; cond], as classifier_free_guidance builds it), once for all steps.
+    # The cross-attentions' keys and values of the guidance batch's context, once for
+    # all steps.
     cross_kv = None
     if _PRECOMPUTE_CROSS_KV:
-        context = jnp.concatenate([uncond, cond], axis=0)
-        cross_kv = cross_attention_kv(params["unet"], context, dtype)
+        cross_kv = cross_attention_kv(params["unet"], guidance_context(cond, uncond), dtype)
         cross_kv = jax.tree.map(lambda a: _split_over_mesh(a, spec.mesh, 0), cross_kv)
 
     def net_fn(x, t, context):

@@ -231,11 +231,8 @@ def test_cross_attention_kv_leave_the_sampling_loop(sd1, monkeypatch):
     devices and one)."""
     _, _, pipe = sd1
     one = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
-    n_cross = sum(
-        "attn2" in jax.tree_util.keystr(p) and "to_k" in jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_leaves_with_path(pipe.params["unet"])
-        if jax.tree_util.keystr(p).endswith("['kernel']")
-    )
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pipe.params)]
+    n_cross = sum(p.endswith("['attn2']['to_k']['kernel']") for p in paths)
     assert n_cross > 0
     kw = dict(steps=3, sampler="dpmpp_2m", seed=4, progress=False)
     images, loop_dots = {}, {}

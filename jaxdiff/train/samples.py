@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdiff import samplers
-from jaxdiff.denoisers import classifier_free_guidance
+from jaxdiff.denoisers import classifier_free_guidance, guidance_context
 from jaxdiff.models.attention import cross_attention_kv
 from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
 
@@ -51,9 +51,9 @@ def text_to_image(
     cond = encode_text(params["text_encoder"], input_ids, config)
     uncond = encode_text(params["text_encoder"], uncond_ids, config)
 
-    # The cross-attentions' keys and values of the guidance batch [uncond; cond], once
-    # rather than at every step (see jaxdiff.pipeline.denoise).
-    cross_kv = cross_attention_kv(params["unet"], jnp.concatenate([uncond, cond], axis=0))
+    # The cross-attentions' keys and values of the guidance batch, once rather than at
+    # every step (see jaxdiff.pipeline.denoise).
+    cross_kv = cross_attention_kv(params["unet"], guidance_context(cond, uncond))
 
     def net(x, t, context):
         t = jnp.broadcast_to(t, (x.shape[0],))
