@@ -288,6 +288,11 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     def arr(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
 
+    # Inference params as the pipeline (and gpu.py) keep them: bf16, the norms' fp32.
+    params16 = jax.tree_util.tree_map_with_path(
+        lambda path, s: arr(s.shape, pipeline.inference_param_dtype(path, bf16)), params
+    )
+
     if item.startswith("unet"):
 
         def unet(p, x, t, ctx):
@@ -299,17 +304,13 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
             arr((batch,), i32),
             arr((batch, 77, ctx_dim), f32),
         )
-        return {"unet": jax.jit(unet).lower(_abstract(params["unet"], rep, bf16), *args)}
+        return {"unet": jax.jit(unet).lower(params16["unet"], *args)}
     if item == "vae_decode":
 
         def decode(p, z):
             return vae_decode(p, z, config.vae, bf16)
 
-        return {
-            "decode": jax.jit(decode).lower(
-                _abstract(params["vae"], rep, bf16), arr((batch, side, side, 4), f32)
-            )
-        }
+        return {"decode": jax.jit(decode).lower(params16["vae"], arr((batch, side, side, 4), f32))}
     if item == "train_step":
         tx, step_cfg = train_setup(params["unet"], bf16)
         state = jax.eval_shape(lambda p: init_state(p, tx, step_cfg, jax.random.key(0)), params)
@@ -339,7 +340,6 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
         bool(options.get("progress", False)),
         mesh,
     )
-    params16 = _abstract(params, rep, bf16)
     if not options.get("split_programs", not options.get("param_layouts", False)):
         return {"generate": pipeline._generate_jit.lower(params16, inputs, spec=spec)}
     # The pipeline's three programs, lowered as StableDiffusion's calls lower them.

@@ -44,6 +44,7 @@ from jaxdiff.denoisers import classifier_free_guidance, guidance_context
 from jaxdiff.models.attention import cross_attention_kv
 from jaxdiff.models.autoencoder import scale_latents, vae_encode
 from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
+from jaxdiff.models.unet import merged_weights
 from jaxdiff.weights import pretrained
 
 MODES = ("text_to_image", "image_to_image", "inpaint")
@@ -53,6 +54,14 @@ MODES = ("text_to_image", "image_to_image", "inpaint")
 # of the concatenated weights and 44 slices, transposes and pads after it). An
 # experiment switch (benchmarks/gpu.py's "no_cross_kv").
 _PRECOMPUTE_CROSS_KV = True
+# The UNet's joined weights (self-attention q/k/v, the resnets' time-embedding
+# projections) built once per call: XLA:GPU's dot merger concatenated them in every
+# step (13 concatenations, ~0.1 GB of copies, per step of SD 1.5). An experiment
+# switch (benchmarks/gpu.py's "invariants_in_loop").
+_MERGE_WEIGHTS = True
+# The normalisation layers' params kept in float32 by a half-precision pipeline (see
+# inference_param_dtype). An experiment switch (gpu.py's "invariants_in_loop").
+_FP32_NORM_PARAMS = True
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -201,12 +210,15 @@ def denoise(params: dict, conditions: dict, inputs: dict, spec: GenerateSpec) ->
     if _PRECOMPUTE_CROSS_KV:
         cross_kv = cross_attention_kv(params["unet"], guidance_context(cond, uncond), dtype)
         cross_kv = jax.tree.map(lambda a: _split_over_mesh(a, spec.mesh, 0), cross_kv)
+    merged = merged_weights(params["unet"], cfg.unet) if _MERGE_WEIGHTS else None
 
     def net_fn(x, t, context):
         if extra is not None:
             x = jnp.concatenate([x, extra if shared else jnp.concatenate([extra, extra])], -1)
         x, context = (_split_over_mesh(a, spec.mesh, 0) for a in (x, context))
-        return apply_unet(params["unet"], x, t, context, cfg, dtype, cross_kv=cross_kv)
+        return apply_unet(
+            params["unet"], x, t, context, cfg, dtype, cross_kv=cross_kv, merged=merged
+        )
 
     # diffusers runs no guidance when guidance_scale <= 1: the result is the conditional
     # prediction, which is what w = 1 gives.
@@ -229,6 +241,28 @@ def denoise(params: dict, conditions: dict, inputs: dict, spec: GenerateSpec) ->
         step_hook=step_hook,
         progress=spec.progress,
     )
+
+
+def inference_params(params: Any, dtype: Any) -> Any:
+    """``params`` as numpy arrays in ``dtype``, except the normalisation layers' scales
+    and biases (see :func:`inference_param_dtype`), kept in float32."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: np.asarray(a).astype(inference_param_dtype(path, dtype)), params
+    )
+
+
+def inference_param_dtype(path: tuple, dtype: Any) -> Any:
+    """The dtype the pipeline keeps the param at ``path`` (a key path) in: float32 for
+    any under a "norm" module (GroupNorm, LayerNorm), ``dtype`` for the rest.
+
+    The norms compute in fp32 whatever the dtype, so half-precision copies of their
+    params were converted back in every call, and inside a sampler's loop in every
+    step (16 conversion kernels per step of SD 1.5 on the GPU); in fp32 they are also
+    the exact values. They are 0.01 % of the UNet's bytes.
+    """
+    names = [str(getattr(k, "key", k)) for k in path]
+    norm = _FP32_NORM_PARAMS and any("norm" in name for name in names[:-1])
+    return np.float32 if norm else dtype
 
 
 def decode_images(
@@ -590,9 +624,7 @@ class StableDiffusion:
         self.dtype = dtype
         self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.device_put(
-            jax.tree.map(lambda a: np.asarray(a).astype(dtype), params), replicated
-        )
+        self.params = jax.device_put(inference_params(params, dtype), replicated)
         if compiler_options is None:
             compiler_options = DEFAULT_COMPILER_OPTIONS.get(jax.default_backend(), {})
         # Checked once, kept as the hashable key the jitted generate() is cached under.

@@ -240,7 +240,7 @@ def test_gpu_experiments_patch_switches_that_exist():
         for module, attr, _ in gpu.variant_patches(gpu.VARIANTS[name]):
             assert hasattr(importlib.import_module(module), attr), name
     assert "cudnn_head_256" in patched
-    assert len(gpu.variant_patches(gpu.VARIANTS["session14_forms"])) == 2
+    assert len(gpu.variant_patches(gpu.VARIANTS["session14_forms"])) == 4
 
 
 def test_gpu_device_spans_split_calls_at_the_widest_gaps():

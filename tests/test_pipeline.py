@@ -225,31 +225,38 @@ def _dots_in_loops(jaxpr, in_loop: bool = False) -> int:
     return n
 
 
-def test_cross_attention_kv_leave_the_sampling_loop(sd1, monkeypatch):
+def test_loop_invariant_work_leaves_the_sampling_loop(sd1, monkeypatch):
     """The cross-attentions' keys and values are computed once per call, outside the
-    loop: two matmuls fewer per cross-attention in the loop, the same images (8
+    loop (two matmuls fewer per cross-attention in the loop), and so are the UNet's
+    merged weights (one matmul for each self-attention's q/k/v instead of three, one
+    for every resnet's time-embedding projection); the same images either way (8
     devices and one)."""
     _, _, pipe = sd1
     one = StableDiffusion(pipe.config, pipe.params, pipe.tokenizer, devices=jax.devices()[:1])
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pipe.params)]
     n_cross = sum(p.endswith("['attn2']['to_k']['kernel']") for p in paths)
-    assert n_cross > 0
+    n_self = sum(p.endswith("['attn1']['to_k']['kernel']") for p in paths)
+    n_resnets = sum(p.endswith("['time_emb_proj']['kernel']") for p in paths)
+    assert n_cross > 0 and n_self > 0 and n_resnets > 1
     kw = dict(steps=3, sampler="dpmpp_2m", seed=4, progress=False)
     images, loop_dots = {}, {}
-    for on in (True, False):
-        monkeypatch.setattr(pipeline_mod, "_PRECOMPUTE_CROSS_KV", on)
+    for off in (None, "_PRECOMPUTE_CROSS_KV", "_MERGE_WEIGHTS"):
+        for switch in ("_PRECOMPUTE_CROSS_KV", "_MERGE_WEIGHTS"):
+            monkeypatch.setattr(pipeline_mod, switch, switch != off)
         pipeline_mod._clear_program_caches()
         for p in (pipe, one):
             p._parts.clear()
-            images[on, p is one] = p.text_to_image(PROMPTS[:3], **kw)
+            images[off, p is one] = p.text_to_image(PROMPTS[:3], **kw)
         spec, inputs, _ = pipe._prepare("text_to_image", PROMPTS[:3], **kw)
         generate = functools.partial(pipeline_mod.generate, spec=spec)
         jaxpr = jax.make_jaxpr(generate)(pipe.params, inputs)
-        loop_dots[on] = _dots_in_loops(jaxpr.jaxpr)
-    assert loop_dots[False] - loop_dots[True] == 2 * n_cross
-    for devices_one in (False, True):
-        a, b = images[True, devices_one], images[False, devices_one]
-        assert _mad(a, b) <= 0.01 and np.abs(a.astype(int) - b).max() <= 1
+        loop_dots[off] = _dots_in_loops(jaxpr.jaxpr)
+    assert loop_dots["_PRECOMPUTE_CROSS_KV"] - loop_dots[None] == 2 * n_cross
+    assert loop_dots["_MERGE_WEIGHTS"] - loop_dots[None] == 2 * n_self + n_resnets - 1
+    for off in ("_PRECOMPUTE_CROSS_KV", "_MERGE_WEIGHTS"):
+        for devices_one in (False, True):
+            a, b = images[None, devices_one], images[off, devices_one]
+            assert _mad(a, b) <= 0.01 and np.abs(a.astype(int) - b).max() <= 1
 
 
 def test_batch_padding_and_split_over_mesh():
@@ -366,7 +373,16 @@ def test_inpaint_9ch_matches_diffusers(tmp_path):
 def test_bfloat16_runs_and_stays_close(sd1):
     d, _, pipe = sd1
     bf = StableDiffusion.from_pretrained(d, dtype=jnp.bfloat16)
-    assert jax.tree.leaves(bf.params)[0].dtype == jnp.bfloat16
+    # Every param in bf16 but the norms' (GroupNorm, LayerNorm), which stay fp32.
+    dtypes = {
+        jax.tree_util.keystr(path): a.dtype
+        for path, a in jax.tree_util.tree_leaves_with_path(bf.params)
+    }
+    norms = {k for k in dtypes if "norm" in k.rsplit("[", 1)[0]}
+    assert any("conv_norm_out" in k for k in norms) and any("final_layer_norm" in k for k in norms)
+    assert any("layer_norm1" in k for k in norms) and any("'norm2'" in k for k in norms)
+    assert {dtypes[k] for k in norms} == {np.dtype(np.float32)}
+    assert {dtypes[k] for k in dtypes if k not in norms} == {np.dtype(jnp.bfloat16)}
     kw = dict(steps=5, sampler="ddim", latents=_latents(1), progress=False)
     a = pipe.text_to_image("a photo of a cat", **kw)
     b = bf.text_to_image("a photo of a cat", **kw)

@@ -21,8 +21,10 @@ from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D  # noqa: E402
 from diffusers.models.upsampling import Upsample2D as TorchUpsample2D  # noqa: E402
 
+from jaxdiff.models import attention as attention_mod  # noqa: E402
 from jaxdiff.models.attention import (  # noqa: E402
     CROSS_KV,
+    MERGED,
     cross_attention_kv,
     dot_product_attention,
 )
@@ -38,6 +40,7 @@ from jaxdiff.models.unet import (  # noqa: E402
     UNet2DConditionModel,
     UNetConfig,
     init_unet,
+    merged_weights,
     unet_abstract_params,
 )
 from jaxdiff.weights.common import (  # noqa: E402
@@ -227,20 +230,47 @@ def test_sample_shared_by_contexts_matches_tiled_reference(case, torch_unets):
     np.testing.assert_allclose(out, np.asarray(tiled).transpose(0, 3, 1, 2), rtol=0, atol=1e-5)
 
 
+def _precomputed_case(tm, name: str, k: int, seed: int):
+    """diffusers' UNet ``tm`` as params, with inputs (a sample shared by k contexts)
+    and the reference output: for the UNet given precomputed variables."""
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    params = state_dict_to_params(_numpy_state_dict(tm), unet_abstract_params(cfg))
+    h, w, seq, t = INPUTS[name]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, cfg.in_channels, h, w)).astype(np.float32)
+    ctx = rng.standard_normal((k * 2, seq, cfg.cross_attention_dim)).astype(np.float32)
+    return cfg, params, x, t, ctx, _tiled_reference(tm, x, t, ctx, k)
+
+
+def _check_precomputed(cfg, params, x, t, ctx, ref, collection: str, values, label: str):
+    """The UNet given ``values`` as its ``collection`` variables matches the reference
+    and the plain call. Returns (the plain call, the call with them), both of
+    ``(values, x)`` with x NHWC."""
+    model = UNet2DConditionModel(cfg)
+    xh = x.transpose(0, 2, 3, 1)
+    plain = lambda _, x: model.apply({"params": params}, x, t, ctx)  # noqa: E731
+    given = lambda v, x: model.apply({"params": params, collection: v}, x, t, ctx)  # noqa: E731
+    out = np.asarray(jax.jit(given)(values, xh)).transpose(0, 3, 1, 2)
+    without = np.asarray(jax.jit(plain)(values, xh)).transpose(0, 3, 1, 2)
+    diff = float(np.max(np.abs(out - ref)))
+    print(f"\n[{label}] max|diff| = {diff:.3g}")
+    assert diff <= TOL
+    np.testing.assert_allclose(out, without, rtol=0, atol=1e-5)
+    return plain, given
+
+
+def _dots(fn, *args) -> int:
+    # Matmuls in fn's jaxpr, traced afresh (a new function: no cached trace).
+    return str(jax.make_jaxpr(lambda *a: fn(*a))(*args)).count("dot_general")
+
+
 @pytest.mark.parametrize("name, k", [("sd2", 1), ("sd1", 2)])
 def test_precomputed_cross_kv_matches_diffusers(name, k, torch_unets):
     # The cross-attentions' keys and values computed once outside the UNet (as the
     # pipeline does for its sampling loop): the reference's output, the plain call's
     # numbers, and no to_k/to_v matmul left in the call.
     tm = torch_unets[name]
-    cfg = UNetConfig.from_diffusers(dict(tm.config))
-    params = state_dict_to_params(_numpy_state_dict(tm), unet_abstract_params(cfg))
-    h, w, seq, t = INPUTS[name]
-    rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, cfg.in_channels, h, w)).astype(np.float32)
-    ctx = rng.standard_normal((k * 2, seq, cfg.cross_attention_dim)).astype(np.float32)
-    ref = _tiled_reference(tm, x, t, ctx, k)
-
+    cfg, params, x, t, ctx, ref = _precomputed_case(tm, name, k, 11)
     kv = jax.jit(cross_attention_kv)(params, ctx)
 
     # One {"k", "v"} per cross-attention, where its params are.
@@ -251,26 +281,55 @@ def test_precomputed_cross_kv_matches_diffusers(name, k, torch_unets):
     assert sorted(keys(kv)) == sorted(p + (kind,) for p in want for kind in "kv")
     assert len(want) == sum(n.endswith(".attn2") for n, _ in tm.named_modules())
 
-    model = UNet2DConditionModel(cfg)
+    label = f"{name} precomputed K/V"
+    plain, with_kv = _check_precomputed(cfg, params, x, t, ctx, ref, CROSS_KV, kv, label)
     xh = x.transpose(0, 2, 3, 1)
-    with_kv = lambda kv, x: model.apply({"params": params, CROSS_KV: kv}, x, t, ctx)
-    out = np.asarray(jax.jit(with_kv)(kv, xh)).transpose(0, 3, 1, 2)
-    plain = np.asarray(jax.jit(model.apply)({"params": params}, xh, t, ctx)).transpose(0, 3, 1, 2)
-    diff = float(np.max(np.abs(out - ref)))
-    print(f"\n[{name} precomputed K/V] max|diff| = {diff:.3g}")
-    assert diff <= TOL
-    np.testing.assert_allclose(out, plain, rtol=0, atol=1e-5)
-
-    def dots(fn, *args):
-        return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
-
-    n_dots = dots(lambda x: model.apply({"params": params}, x, t, ctx), xh)
-    assert dots(with_kv, kv, xh) == n_dots - 2 * len(want)
+    assert _dots(with_kv, kv, xh) == _dots(plain, kv, xh) - 2 * len(want)
 
     # Keys of another context's length are refused by name.
     short = jax.tree.map(lambda a: a[:, :-1], kv)
     with pytest.raises(ValueError, match="attn2: precomputed keys"):
         with_kv(short, xh)
+
+
+@pytest.mark.parametrize("name, k", [("sd2", 1), ("sd1", 2)])
+def test_merged_weights_match_diffusers(name, k, torch_unets, monkeypatch):
+    # The self-attentions' q/k/v and the resnets' time-embedding projections from
+    # weights joined once outside the UNet (as the pipeline does for its sampling
+    # loop): the reference's output, the plain call's numbers, fewer matmuls.
+    tm = torch_unets[name]
+    cfg, params, x, t, ctx, ref = _precomputed_case(tm, name, k, 12)
+    merged = jax.jit(merged_weights, static_argnums=1)(params, cfg)
+    n_self = sum(n.endswith(".attn1") for n, _ in tm.named_modules())
+    n_resnets = sum(n.endswith(".time_emb_proj") for n, _ in tm.named_modules())
+    assert n_self > 0 and n_resnets > 1
+    joined = jax.tree_util.tree_leaves_with_path(merged)
+    assert sum(jax.tree_util.keystr(p).endswith("['attn1']['qkv_kernel']") for p, _ in joined) == (
+        n_self
+    )
+    widths = [m.out_features for n, m in tm.named_modules() if n.endswith(".time_emb_proj")]
+    assert merged["time_emb_kernel"].shape == (cfg.time_embed_dim, sum(widths))
+    assert merged["time_emb_bias"].shape == (sum(widths),)
+
+    label = f"{name} merged weights"
+    plain, with_merged = _check_precomputed(cfg, params, x, t, ctx, ref, MERGED, merged, label)
+    xh = x.transpose(0, 2, 3, 1)
+    n_dots = _dots(plain, merged, xh)
+    assert _dots(with_merged, merged, xh) == n_dots - 2 * n_self - (n_resnets - 1)
+    # Self-attention products above the size limit stay three matmuls.
+    monkeypatch.setattr(attention_mod, "_MERGED_QKV_MAX_BYTES", 0)
+    assert _dots(with_merged, merged, xh) == n_dots - (n_resnets - 1)
+
+    # Joined weights that do not fit are refused by name.
+    bad = dict(merged, time_emb_kernel=merged["time_emb_kernel"][:, :-1])
+    with pytest.raises(ValueError, match="merged time-embedding kernel"):
+        with_merged(bad, xh)
+    monkeypatch.undo()
+    bad = jax.tree_util.tree_map_with_path(
+        lambda p, a: a[:-1] if jax.tree_util.keystr(p).endswith("['qkv_kernel']") else a, merged
+    )
+    with pytest.raises(ValueError, match="attn1: merged q/k/v kernel"):
+        with_merged(bad, xh)
 
 
 def test_bf16_compute_tracks_fp32_reference(torch_unets):
@@ -924,6 +983,17 @@ def test_groupnorm_offset_equals_adding_it_first(monkeypatch, one_pass):
         outs[form] = np.asarray(jax.jit(block.apply)(block_params, x, temb))
     np.testing.assert_array_equal(outs[None], outs[True])
     np.testing.assert_allclose(outs[True], outs[False], atol=2e-5)
+
+    # The projection made outside (the UNet's merged weights) gives the same block.
+    proj = block_params["params"]["time_emb_proj"]
+    made = jax.nn.silu(temb) @ proj["kernel"] + proj["bias"]
+    block = ResnetBlock2D(48, groups=8)
+    outside = jax.jit(lambda p, x, m: block.apply(p, x, temb_proj=m))(block_params, x, made)
+    np.testing.assert_allclose(np.asarray(outside), outs[None], atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        block.apply(block_params, x, temb, made)
+    with pytest.raises(ValueError, match="temb_proj has 47 channels"):
+        block.apply(block_params, x, temb_proj=made[:, :-1])
 
 
 def test_dtypes_validation_and_attention_hook():

@@ -353,6 +353,9 @@ class ResnetBlock2D(nn.Module):
 
     ``temb`` is optional: called without it the block has no ``time_emb_proj``
     params at all, which is the autoencoder's variant (``temb_channels=None``).
+    ``temb_proj`` instead of ``temb`` is ``time_emb_proj(silu(temb))`` computed
+    outside (the UNet's merged time-embedding projections); ``time_emb_proj``'s
+    params are then not read (initialise with ``temb``).
 
     Attributes:
       out_channels: output channels; ``None`` keeps the input's.
@@ -374,8 +377,11 @@ class ResnetBlock2D(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        """Args: x [B, H, W, C_in]; temb [B, T], [B/k, T] (tiled k times) or None.
+    def __call__(
+        self, x: jax.Array, temb: jax.Array | None = None, temb_proj: jax.Array | None = None
+    ) -> jax.Array:
+        """Args: x [B, H, W, C_in]; temb [B, T], [B/k, T] (tiled k times) or None;
+        temb_proj [B, C_out] or [B/k, C_out], or None.
 
         Returns [B, H, W, C_out] in ``dtype``.
         """
@@ -386,14 +392,22 @@ class ResnetBlock2D(nn.Module):
         h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
         h = nn.silu(h)
         h = conv3x3(cout, name="conv1", **kw)(h)
-        if temb is not None:
+        t = None
+        if temb is not None and temb_proj is not None:
+            raise ValueError("ResnetBlock2D: pass temb or temb_proj, not both")
+        if temb_proj is not None:
+            if temb_proj.shape[-1] != cout:
+                raise ValueError(
+                    f"ResnetBlock2D: temb_proj has {temb_proj.shape[-1]} channels, the block {cout}"
+                )
+            t = temb_proj.astype(self.dtype)
+        elif temb is not None:
             t = nn.Dense(cout, name="time_emb_proj", **kw)(nn.silu(temb.astype(self.dtype)))
+        if t is not None:
             # A shared sample's embedding meets the tiled batch (see tile_batch).
             t = tile_batch(t, h.shape[0])
             if not (_TEMB_IN_NORM if self.temb_in_norm is None else self.temb_in_norm):
                 h, t = h + t[:, None, None, :], None
-        else:
-            t = None
         h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h, offset=t)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.attention import CROSS_KV
+from jaxdiff.models.attention import CROSS_KV, MERGED
 from jaxdiff.models.autoencoder import (
     AutoencoderConfig,
     abstract_autoencoder_params,
@@ -99,6 +99,7 @@ def apply_unet(
     remat: bool = False,
     cross_kv: dict | None = None,
     temb_in_norm: bool | None = None,
+    merged: dict | None = None,
 ) -> jax.Array:
     """The network output (eps, v or x0 per the scheduler config) in float32.
 
@@ -107,13 +108,17 @@ def apply_unet(
     before the first cross-attention run once. ``cross_kv``: the cross-attention keys
     and values of this ``context`` from
     :func:`jaxdiff.models.attention.cross_attention_kv`, computed once for
-    many calls (a sampler's steps) instead of in each. ``temb_in_norm``: see
-    :class:`~jaxdiff.models.layers.ResnetBlock2D` (the train step passes False).
+    many calls (a sampler's steps) instead of in each. ``merged``: the UNet's joined
+    weights from :func:`jaxdiff.models.unet.merged_weights`, likewise built once.
+    ``temb_in_norm``: see :class:`~jaxdiff.models.layers.ResnetBlock2D` (the train
+    step passes False).
     """
     model = UNet2DConditionModel(config.unet, dtype=dtype, remat=remat, temb_in_norm=temb_in_norm)
     variables = {"params": params}
     if cross_kv is not None:
         variables[CROSS_KV] = cross_kv
+    if merged is not None:
+        variables[MERGED] = merged
     return model.apply(variables, x, t, context).astype(jnp.float32)
 
 

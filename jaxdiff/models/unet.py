@@ -28,8 +28,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff.models.attention import AttentionFn, Transformer2DModel
+from jaxdiff.models.attention import (
+    MERGED,
+    AttentionFn,
+    Transformer2DModel,
+    merged_self_attention_weights,
+)
 from jaxdiff.models.layers import (
     Downsample2D,
     GroupNorm,
@@ -43,7 +49,13 @@ from jaxdiff.models.layers import (
 
 Dtype = Any
 
-__all__ = ["UNetConfig", "UNet2DConditionModel", "init_unet", "unet_abstract_params"]
+__all__ = [
+    "UNetConfig",
+    "UNet2DConditionModel",
+    "init_unet",
+    "merged_weights",
+    "unet_abstract_params",
+]
 
 # Block type -> whether it has cross-attention transformers.
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -335,6 +347,55 @@ class UNetConfig:
         }
 
 
+# What the blocks get for the time: the embedding [B, T], which each resnet projects,
+# or every resnet's projection already made, by "block/resnet" name (merged weights).
+TimeEmbedding = jax.Array | Mapping[str, jax.Array]
+
+
+def _resnets(cfg: UNetConfig) -> list[tuple[str, int]]:
+    """Every resnet's "block/resnet" name and output channels, in the UNet's order."""
+    boc, per = cfg.block_out_channels, cfg.layers_per_block
+    n = len(boc)
+    out = [(f"down_blocks_{i}/resnets_{j}", c) for i, c in enumerate(boc) for j in range(per)]
+    out += [(f"mid_block/resnets_{j}", boc[-1]) for j in range(2)]
+    out += [
+        (f"up_blocks_{i}/resnets_{j}", boc[n - 1 - i]) for i in range(n) for j in range(per + 1)
+    ]
+    return out
+
+
+def merged_weights(params: Mapping, config: UNetConfig) -> dict:
+    """Weights the UNet can use joined, built once for many calls (a sampler's steps).
+
+    XLA's GPU compiler merges the projections that read one input into one GEMM,
+    and concatenates their weights in every call: inside a sampler's ``while`` loop,
+    in every step (it moves no computation out of the loop). Built here once and given
+    as the ``"merged"`` collection (``model.apply({"params": p, "merged": m}, ...)``,
+    or ``apply_unet(..., merged=m)``), the UNet computes
+
+    - every resnet's ``time_emb_proj(silu(temb))`` as one product (``time_emb_kernel``
+      [T, sum of the resnets' channels], ``time_emb_bias``), and
+    - each self-attention's q, k and v as one product
+      (:func:`~jaxdiff.models.attention.merged_self_attention_weights`).
+
+    The products are the same; the params are not changed.
+    """
+    parts = []
+    for path, channels in _resnets(config):
+        block, resnet = path.split("/")
+        p = params[block][resnet]["time_emb_proj"]
+        if p["kernel"].shape != (config.time_embed_dim, channels):
+            raise ValueError(
+                f"merged_weights: {path}/time_emb_proj kernel {p['kernel'].shape} does not "
+                f"fit the config ({config.time_embed_dim}, {channels})"
+            )
+        parts.append(p)
+    merged = merged_self_attention_weights(params)
+    merged["time_emb_kernel"] = jnp.concatenate([p["kernel"] for p in parts], axis=-1)
+    merged["time_emb_bias"] = jnp.concatenate([p["bias"] for p in parts], axis=-1)
+    return merged
+
+
 # Rematerialised variants: same params, activations recomputed in the backward pass.
 _RematResnet = nn.remat(ResnetBlock2D)
 _RematTransformer = nn.remat(Transformer2DModel)
@@ -352,10 +413,11 @@ class _Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def resnet(self, out_channels: int, name: str) -> nn.Module:
+    def resnet(self, x: jax.Array, temb: TimeEmbedding, out_channels: int, name: str):
+        """Run the resnet ``name`` of this block on ``x``."""
         cls = _RematResnet if self.remat else ResnetBlock2D
         cfg = self.config
-        return cls(
+        module = cls(
             out_channels,
             groups=cfg.norm_num_groups,
             eps=cfg.norm_eps,
@@ -366,6 +428,9 @@ class _Block(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
+        if isinstance(temb, Mapping):  # projected for every resnet (merged weights)
+            return module(x, None, temb[f"{self.name}/{name}"])
+        return module(x, temb)
 
     def transformer(self, channels: int, heads: int, name: str) -> nn.Module:
         cls = _RematTransformer if self.remat else Transformer2DModel
@@ -394,9 +459,9 @@ class DownBlock(_Block):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, temb: jax.Array, context: jax.Array
+        self, x: jax.Array, temb: TimeEmbedding, context: jax.Array
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Args: x [B, H, W, C]; temb [B, T]; context [B, S, D].
+        """Args: x [B, H, W, C]; temb [B, T] (see :data:`TimeEmbedding`); context [B, S, D].
 
         Returns:
           The output [B, H', W', C_i] and the skip tensors for the up path, one
@@ -407,7 +472,7 @@ class DownBlock(_Block):
         cross = _DOWN_BLOCKS[cfg.down_block_types[i]]
         skips = []
         for j in range(cfg.layers_per_block):
-            x = self.resnet(out, f"resnets_{j}")(x, temb)
+            x = self.resnet(x, temb, out, f"resnets_{j}")
             if cross:
                 x = self.transformer(out, cfg.num_heads[i], f"attentions_{j}")(x, context)
             skips.append(x)
@@ -427,13 +492,14 @@ class MidBlock(_Block):
     """diffusers ``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet at the coarsest level."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
-        """Args: x [B, H, W, C]; temb [B, T]; context [B, S, D]. Returns [B, H, W, C]."""
+    def __call__(self, x: jax.Array, temb: TimeEmbedding, context: jax.Array) -> jax.Array:
+        """Args: x [B, H, W, C]; temb [B, T] (see :data:`TimeEmbedding`); context [B, S, D].
+        Returns [B, H, W, C]."""
         cfg = self.config
         c = cfg.block_out_channels[-1]
-        x = self.resnet(c, "resnets_0")(x, temb)
+        x = self.resnet(x, temb, c, "resnets_0")
         x = self.transformer(c, cfg.num_heads[-1], "attentions_0")(x, context)
-        return self.resnet(c, "resnets_1")(x, temb)
+        return self.resnet(x, temb, c, "resnets_1")
 
 
 class UpBlock(_Block):
@@ -448,14 +514,14 @@ class UpBlock(_Block):
         self,
         x: jax.Array,
         skips: Sequence[jax.Array],
-        temb: jax.Array,
+        temb: TimeEmbedding,
         context: jax.Array,
         upsample_size: tuple[int, int] | None = None,
     ) -> jax.Array:
         """Args:
           x: [B, H, W, C].
           skips: the skip tensors of this level, consumed last first.
-          temb: [B, T]; context: [B, S, D].
+          temb: [B, T] (see :data:`TimeEmbedding`); context: [B, S, D].
           upsample_size: spatial size after up-sampling (the next skip's size).
 
         Returns:
@@ -471,7 +537,7 @@ class UpBlock(_Block):
             # sample's batch (see UNet2DConditionModel).
             skip = tile_batch(skip.astype(x.dtype), x.shape[0])
             x = jnp.concatenate([x, skip], axis=-1)
-            x = self.resnet(out, f"resnets_{j}")(x, temb)
+            x = self.resnet(x, temb, out, f"resnets_{j}")
             if cross:
                 x = self.transformer(out, heads, f"attentions_{j}")(x, context)
         if i < n - 1:
@@ -575,6 +641,24 @@ class UNet2DConditionModel(nn.Module):
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(
             t_feat.astype(self.dtype)
         )
+        if self.has_variable(MERGED, "time_emb_kernel"):
+            # Every resnet's projection in one product (see merged_weights).
+            joined = {
+                "kernel": self.get_variable(MERGED, "time_emb_kernel"),
+                "bias": self.get_variable(MERGED, "time_emb_bias"),
+            }
+            resnets = _resnets(cfg)
+            if joined["kernel"].shape != (cfg.time_embed_dim, sum(c for _, c in resnets)):
+                raise ValueError(
+                    f"UNet: merged time-embedding kernel {joined['kernel'].shape} does not "
+                    "fit the config"
+                )
+            dense = nn.Dense(joined["kernel"].shape[-1], dtype=self.dtype, parent=None)
+            proj = dense.apply({"params": joined}, nn.silu(temb.astype(self.dtype)))
+            ends = np.cumsum([c for _, c in resnets])
+            temb = {
+                path: proj[:, end - c : end] for (path, c), end in zip(resnets, ends, strict=True)
+            }
 
         x = conv3x3(c0, name="conv_in", **kw)(sample.astype(self.dtype))
         skips: list[jax.Array] = [x]

@@ -21,6 +21,7 @@ from jaxdiff import samplers
 from jaxdiff.denoisers import classifier_free_guidance, guidance_context
 from jaxdiff.models.attention import cross_attention_kv
 from jaxdiff.models.sd import SDConfig, apply_unet, decode_latents, encode_text
+from jaxdiff.models.unet import merged_weights
 
 
 def text_to_image(
@@ -51,13 +52,14 @@ def text_to_image(
     cond = encode_text(params["text_encoder"], input_ids, config)
     uncond = encode_text(params["text_encoder"], uncond_ids, config)
 
-    # The cross-attentions' keys and values of the guidance batch, once rather than at
-    # every step (see jaxdiff.pipeline.denoise).
+    # The cross-attentions' keys and values of the guidance batch, and the UNet's joined
+    # weights, once rather than at every step (see jaxdiff.pipeline.denoise).
     cross_kv = cross_attention_kv(params["unet"], guidance_context(cond, uncond))
+    merged = merged_weights(params["unet"], config.unet)
 
     def net(x, t, context):
         t = jnp.broadcast_to(t, (x.shape[0],))
-        return apply_unet(params["unet"], x, t, context, config, cross_kv=cross_kv)
+        return apply_unet(params["unet"], x, t, context, config, cross_kv=cross_kv, merged=merged)
 
     # shared_sample: the UNet's layers before its first cross-attention run once.
     model_fn = classifier_free_guidance(net, cond, uncond, guidance_scale, shared_sample=True)
