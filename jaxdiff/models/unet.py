@@ -22,7 +22,7 @@ translate.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -413,8 +413,12 @@ class _Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def resnet(self, x: jax.Array, temb: TimeEmbedding, out_channels: int, name: str):
-        """Run the resnet ``name`` of this block on ``x``."""
+    def resnet(
+        self, out_channels: int, name: str
+    ) -> Callable[[jax.Array, TimeEmbedding], jax.Array]:
+        """The resnet ``name`` of this block, as ``fn(x, temb)``. (Called by the caller,
+        not in here: a module called inside this method would get its name in its
+        ops' names.)"""
         cls = _RematResnet if self.remat else ResnetBlock2D
         cfg = self.config
         module = cls(
@@ -428,9 +432,13 @@ class _Block(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
-        if isinstance(temb, Mapping):  # projected for every resnet (merged weights)
-            return module(x, None, temb[f"{self.name}/{name}"])
-        return module(x, temb)
+
+        def run(x: jax.Array, temb: TimeEmbedding) -> jax.Array:
+            if isinstance(temb, Mapping):  # projected for every resnet (merged weights)
+                return module(x, None, temb[f"{self.name}/{name}"])
+            return module(x, temb)
+
+        return run
 
     def transformer(self, channels: int, heads: int, name: str) -> nn.Module:
         cls = _RematTransformer if self.remat else Transformer2DModel
@@ -472,7 +480,7 @@ class DownBlock(_Block):
         cross = _DOWN_BLOCKS[cfg.down_block_types[i]]
         skips = []
         for j in range(cfg.layers_per_block):
-            x = self.resnet(x, temb, out, f"resnets_{j}")
+            x = self.resnet(out, f"resnets_{j}")(x, temb)
             if cross:
                 x = self.transformer(out, cfg.num_heads[i], f"attentions_{j}")(x, context)
             skips.append(x)
@@ -497,9 +505,9 @@ class MidBlock(_Block):
         Returns [B, H, W, C]."""
         cfg = self.config
         c = cfg.block_out_channels[-1]
-        x = self.resnet(x, temb, c, "resnets_0")
+        x = self.resnet(c, "resnets_0")(x, temb)
         x = self.transformer(c, cfg.num_heads[-1], "attentions_0")(x, context)
-        return self.resnet(x, temb, c, "resnets_1")
+        return self.resnet(c, "resnets_1")(x, temb)
 
 
 class UpBlock(_Block):
@@ -537,7 +545,7 @@ class UpBlock(_Block):
             # sample's batch (see UNet2DConditionModel).
             skip = tile_batch(skip.astype(x.dtype), x.shape[0])
             x = jnp.concatenate([x, skip], axis=-1)
-            x = self.resnet(x, temb, out, f"resnets_{j}")
+            x = self.resnet(out, f"resnets_{j}")(x, temb)
             if cross:
                 x = self.transformer(out, heads, f"attentions_{j}")(x, context)
         if i < n - 1:
