@@ -579,7 +579,8 @@ class StableDiffusion:
       config: the :class:`~jaxdiff.models.sd.SDConfig`.
       params: ``{"unet", "vae", "text_encoder"}`` on the devices (replicated).
       tokenizer: a transformers ``CLIPTokenizer``.
-      dtype: compute (and parameter) dtype.
+      dtype: compute and parameter dtype (float32, bfloat16 or float16); the
+        normalisation layers keep float32 params (see :func:`inference_params`).
       mesh: the 1-D device mesh ``("data",)`` batches are sharded over.
 
     ``param_layouts``: True lets XLA choose the parameters' memory layouts at the first
