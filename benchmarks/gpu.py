@@ -363,14 +363,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "default": False,  # session14_forms runs both
     },
     # The sampler and the UNet as session 14 compiled them (changes 28 to 30
-    # undone): their joint A/B in one experiment's time.
+    # undone): their joint A/B in one experiment's time. Its patches are those of
+    # no_cross_kv, temb_side_input and invariants_in_loop (set after variant_patches).
     "session14_forms": {
-        "patches": (
-            ("jaxdiff.pipeline", "_PRECOMPUTE_CROSS_KV", False),
-            ("jaxdiff.models.layers", "_TEMB_IN_NORM", False),
-            ("jaxdiff.pipeline", "_MERGE_WEIGHTS", False),
-            ("jaxdiff.pipeline", "_FP32_NORM_PARAMS", False),
-        ),
         "items": ("unet_b16", "t2i"),
         "need_s": 80.0,
     },
@@ -1201,6 +1196,13 @@ def compile_phases(events: list[tuple[str, float]]) -> dict[str, float]:
 def variant_patches(spec: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """A variant's module patches: ``(module, constant, value)`` each."""
     return ([spec["patch"]] if "patch" in spec else []) + list(spec.get("patches", ()))
+
+
+VARIANTS["session14_forms"]["patches"] = tuple(
+    patch
+    for name in ("no_cross_kv", "temb_side_input", "invariants_in_loop")
+    for patch in variant_patches(VARIANTS[name])
+)
 
 
 def apply_patches(spec: dict[str, Any]) -> None:

@@ -258,7 +258,7 @@ def inference_param_dtype(path: tuple, dtype: Any) -> Any:
     The norms compute in fp32 whatever the dtype, so half-precision copies of their
     params were converted back in every call, and inside a sampler's loop in every
     step (16 conversion kernels per step of SD 1.5 on the GPU); in fp32 they are also
-    the exact values. They are 0.01 % of the UNet's bytes.
+    the exact values. They are ~0.05 % of SD 1.5's UNet in bf16 (200k of 860M params).
     """
     names = [str(getattr(k, "key", k)) for k in path]
     norm = _FP32_NORM_PARAMS and any("norm" in name for name in names[:-1])

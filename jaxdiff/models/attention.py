@@ -53,7 +53,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import Conv, GroupNorm, gelu_erf, tile_batch
+from jaxdiff.models.layers import Conv, GroupNorm, dense, gelu_erf, tile_batch
 
 Dtype = Any
 # fn(module, q [B,T,N,H], k [B,S,N,H], v [B,S,N,H]) -> [B,T,N,H]
@@ -413,7 +413,7 @@ class Attention(nn.Module):
                     f"{self.name}: merged q/k/v kernel {joined['kernel'].shape} does not fit "
                     f"{c} input and {inner} inner channels"
                 )
-            q, k, v = jnp.split(_dense(joined, x, self.dtype), 3, axis=-1)
+            q, k, v = jnp.split(dense(joined, x, self.dtype), 3, axis=-1)
             return self._attend_and_project(q, k, v, b, t, c)
         q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
         if context is not None and self.has_variable(CROSS_KV, "k"):
@@ -444,13 +444,6 @@ class Attention(nn.Module):
         return dense(out.reshape(b, t, self.heads * self.dim_head))
 
 
-def _dense(p: Mapping, x: jax.Array, dtype: Dtype) -> jax.Array:
-    """``nn.Dense`` with the params ``p`` (``kernel`` [, ``bias``]) applied to ``x``."""
-    # parent=None: unbound even when called inside a module's method.
-    dense = nn.Dense(p["kernel"].shape[-1], use_bias="bias" in p, dtype=dtype, parent=None)
-    return dense.apply({"params": p}, x)
-
-
 def cross_attention_kv(params: Mapping, context: jax.Array, dtype: Dtype = jnp.float32) -> dict:
     """Every cross-attention's keys and values for ``context``, computed once.
 
@@ -469,7 +462,7 @@ def cross_attention_kv(params: Mapping, context: jax.Array, dtype: Dtype = jnp.f
     return _per_attention(
         params,
         "attn2",
-        lambda p: {"k": _dense(p["to_k"], ctx, dtype), "v": _dense(p["to_v"], ctx, dtype)},
+        lambda p: {"k": dense(p["to_k"], ctx, dtype), "v": dense(p["to_v"], ctx, dtype)},
     )
 
 

@@ -39,7 +39,18 @@ __all__ = [
     "Conv",
     "tile_batch",
     "gelu_erf",
+    "dense",
 ]
+
+
+def dense(params: Any, x: jax.Array, dtype: Dtype) -> jax.Array:
+    """``nn.Dense`` applied with the given params (``kernel`` [, ``bias``]) to ``x``:
+    weights built outside a module (precomputed or joined ones), the same product.
+    Usable inside a module's method (the Dense is created unbound)."""
+    layer = nn.Dense(
+        params["kernel"].shape[-1], use_bias="bias" in params, dtype=dtype, parent=None
+    )
+    return layer.apply({"params": params}, x)
 
 
 def gelu_erf(x: jax.Array) -> jax.Array:

@@ -43,6 +43,7 @@ from jaxdiff.models.layers import (
     TimestepEmbedding,
     Upsample2D,
     conv3x3,
+    dense,
     tile_batch,
     timestep_embedding,
 )
@@ -661,8 +662,7 @@ class UNet2DConditionModel(nn.Module):
                     f"UNet: merged time-embedding kernel {joined['kernel'].shape} does not "
                     "fit the config"
                 )
-            dense = nn.Dense(joined["kernel"].shape[-1], dtype=self.dtype, parent=None)
-            proj = dense.apply({"params": joined}, nn.silu(temb.astype(self.dtype)))
+            proj = dense(joined, nn.silu(temb.astype(self.dtype)), self.dtype)
             ends = np.cumsum([c for _, c in resnets])
             temb = {
                 path: proj[:, end - c : end] for (path, c), end in zip(resnets, ends, strict=True)
