@@ -143,6 +143,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cold": True,
         "need_s": 60.0,
     },
+    # The two sampler defaults this run may promote, together, the way they would be
+    # promoted: cuDNN attention for heads up to 256 and no Triton GEMM fusions in the
+    # pipeline's GPU compiler options (pipeline.DEFAULT_COMPILER_OPTIONS). One cold
+    # worker gives both sampler goals' figures for that code, the cold compile
+    # (<= 30 s) and the 50-step call (<= 1.6 s): two changes' effects need not add up.
+    "t2i_cold_candidate": {
+        "patches": (
+            ("jaxdiff.models.attention", "_CUDNN_MAX_HEAD", 256),
+            (
+                "jaxdiff.pipeline",
+                "DEFAULT_COMPILER_OPTIONS",
+                {"gpu": {"xla_gpu_enable_triton_gemm": False}},
+            ),
+        ),
+        "items": ("t2i",),
+        "cold": True,
+        "need_s": 60.0,
+    },
     # The same cold compile of the sampler as one program (the pipeline's
     # split_programs=False; sessions 8-11 measured only that form): the default since
     # session 13 compiles the prompt encoder, the 50-step loop and the VAE decoder as
