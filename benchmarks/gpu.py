@@ -337,6 +337,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b16", "t2i"),
         "need_s": 80.0,
     },
+    # GEGLU's projection and gate as one Pallas (Triton) kernel that writes only the
+    # gated product (attention._GEGLU_FUSED, jaxdiff.models.geglu_kernel), instead of a
+    # cuBLAS GEMM writing both halves and XLA's product kernel reading them back: the
+    # product kernels took 1.27 ms of each batch-16 UNet call in session 11's profile
+    # (16 per call, 0.92 ms of traffic per sampler step deviceless). The question is
+    # whether Triton's GEMM with this epilogue (128 x 128 x 64 tiles per half, 8 warps,
+    # 3 stages, untuned) keeps up with cuBLAS. Predicted: -0.5 to -1 ms per batch-16
+    # call and per step if it does; slower if Triton's GEMM is >15 % behind cuBLAS's.
+    "geglu_fused": {
+        "patch": ("jaxdiff.models.attention", "_GEGLU_FUSED", True),
+        "items": ("unet_b16", "t2i"),
+        "need_s": 80.0,
+    },
     # The sampler as before change 28: every step recomputes the cross-attentions' keys
     # and values of the (fixed) text context. XLA left them in the loop: one merged GEMM
     # [1232, 768] x [768, 24960] per step, a copy of its concatenated weights and 44
@@ -1278,6 +1291,8 @@ def kernel_kind(kernel: str, op_name: str | None) -> str:
     fusions by the op that named them, the module they sit in, and forward/backward
     (``jvp(`` / ``transpose(`` in the op name, as ``jax.value_and_grad`` writes them)."""
     k = kernel.lower()
+    if "geglu_matmul" in k or "pallas_call" in k:  # attention._GEGLU_FUSED's kernel
+        return "GEGLU matmul, Pallas (library)"
     if any(s in k for s in ("sdpa", "fmha", "flash")):
         return "fused attention (library)"
     if "xmma" in k or re.search(r"conv(?!ert)", k):  # (not XLA's "loop_convert_fusion")

@@ -108,6 +108,8 @@ _LIBRARY = (
     ("__cudnn$fmha", "fused attention (library)"),
     ("__cudnn$conv", "convolution (library)"),
     ("__cublas", "matmul (library)"),
+    # Pallas' Triton kernels: the fused GEGLU's matmul (attention._GEGLU_FUSED).
+    ("__gpu$xla.gpu.triton", "GEGLU matmul, Pallas (library)"),
 )
 
 

@@ -45,6 +45,7 @@ products are small enough that XLA would merge them too (``_MERGED_QKV_MAX_BYTES
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import geglu_kernel
+from jaxdiff.models.geglu_kernel import fused_geglu
 from jaxdiff.models.layers import Conv, GroupNorm, dense, gelu_erf, tile_batch
 
 Dtype = Any
@@ -80,6 +83,11 @@ ENV_ATTENTION = "JAXDIFF_ATTENTION"
 # switch: the H200 train step went 94.8 -> 104.1 ms between two runs with new slow
 # transposes in its backward, and this is one of the changes in between.
 _GEGLU_GELU = "erf"
+# GEGLU's projection and gate as one Pallas kernel (``geglu_kernel.fused_geglu``) on a
+# GPU, for half-precision compute and shapes that tile: False (default), True, or
+# "interpret" (Pallas' interpreter on any backend, for tests). An experiment until
+# benchmarks/gpu.py's "geglu_fused" has timed it against cuBLAS + XLA's product kernel.
+_GEGLU_FUSED: bool | str = False
 # The largest head size the GPU path sends to cuDNN's flash attention by default.
 # cuDNN (and jax's own check) takes up to 256 on Hopper and later, 128 before; SD
 # 1.5's 1280-channel blocks have heads of 160, so their 12 attentions per UNet call
@@ -516,14 +524,32 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Args: x [..., C]. Returns [..., features]."""
-        h = nn.Dense(
+        proj = nn.Dense(
             2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
-        )(x)
+        )
+        if self._fused(x):
+            p = self.variables["params"]["proj"]
+            rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+            out = fused_geglu(
+                rows, p["kernel"].astype(self.dtype), p["bias"], _GEGLU_FUSED == "interpret"
+            )
+            return out.reshape(*x.shape[:-1], self.features)
+        h = proj(x)
         a, gate = jnp.split(h, 2, axis=-1)
         # Exact (erf) GELU, as torch.nn.functional.gelu's default.
         if _GEGLU_GELU == "jax":
             return a * jax.nn.gelu(gate, approximate=False)
         return a * gelu_erf(gate)
+
+    def _fused(self, x: jax.Array) -> bool:
+        """Whether this call takes the fused kernel (see ``_GEGLU_FUSED``)."""
+        if not _GEGLU_FUSED or self.is_initializing():
+            return False
+        if _GEGLU_FUSED != "interpret" and (
+            jax.default_backend() != "gpu" or self.dtype not in (jnp.bfloat16, jnp.float16)
+        ):
+            return False
+        return geglu_kernel.fits(math.prod(x.shape[:-1]), x.shape[-1], self.features)
 
 
 class FeedForward(nn.Module):
