@@ -108,9 +108,10 @@ _LIBRARY = (
     ("__cudnn$fmha", "fused attention (library)"),
     ("__cudnn$conv", "convolution (library)"),
     ("__cublas", "matmul (library)"),
-    # Pallas' Triton kernels: the fused GEGLU's matmul (attention._GEGLU_FUSED).
-    ("__gpu$xla.gpu.triton", "GEGLU matmul, Pallas (library)"),
 )
+# Pallas' Triton kernels (custom calls named in their backend config), grouped as
+# gpu.py's profiles group them by kernel name.
+_PALLAS = "__gpu$xla.gpu.triton"
 
 
 def target_config(card: str) -> str:
@@ -189,6 +190,9 @@ def _loop_invariant(lines: list[str]) -> set[str]:
 
 def _kind(name: str, op: str, rest: str) -> str:
     target = re.search(r'custom_call_target="([^"]+)"', rest)
+    if target and target.group(1) == _PALLAS:
+        names = re.findall(r'\bname = "(\w+)"', rest)  # the last: after the kernel's IR
+        return kernel_kind(names[-1] if names else "pallas_call", None)
     for prefix, kind in _LIBRARY:
         if target and target.group(1).startswith(prefix):
             return kind
@@ -198,6 +202,35 @@ def _kind(name: str, op: str, rest: str) -> str:
     # Other custom fusions (Triton's row normalisations: the LayerNorms) by their op.
     op_name = re.search(r'op_name="([^"]*)"', rest)
     return kernel_kind(name.replace(".", "_"), op_name.group(1) if op_name else None)
+
+
+def _sliced_reads(comps: dict[str, list[str]], rest: str) -> dict[int, int]:
+    """For a fusion (``rest``: its instruction after the opcode), the bytes it reads of
+    each parameter that its fused computation uses only through slices: {parameter
+    number: the slices' bytes}."""
+    called = re.search(r"calls=%([\w.\-]+)", rest)
+    if not called or called.group(1) not in comps:
+        return {}
+    params, uses = {}, collections.defaultdict(list)  # a parameter or its bitcast: its number
+    for line in comps[called.group(1)]:
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, op, args = m.groups()
+        operands = re.findall(r"%([\w.\-]+)", args.split("), ")[0])
+        if op == "parameter":
+            params[name] = int(re.match(r"(\d+)", args).group(1))
+        elif op == "bitcast" and operands and operands[0] in params:
+            params[name] = params[operands[0]]
+        else:
+            for operand in operands:
+                if operand in params:
+                    uses[params[operand]].append((op, shape_bytes(shape)))
+    return {
+        number: sum(b for _, b in found)
+        for number, found in uses.items()
+        if all(op == "slice" for op, _ in found)
+    }
 
 
 def summarize(text: str) -> dict[str, Any]:
@@ -238,7 +271,11 @@ def summarize(text: str) -> dict[str, Any]:
                 # A slice kernel reads only the part it writes, not its whole operand.
                 moved = 2 * sizes[name]
             else:
-                moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
+                # An operand passed twice is read once (a Pallas kernel given one array
+                # for two blocks); one a fusion only slices is read as far as sliced.
+                read = _sliced_reads(comps, rest)
+                first = {o: i for i, o in reversed(list(enumerate(operands)))}
+                moved = sizes[name] + sum(read.get(i, sizes.get(o, 0)) for o, i in first.items())
             group = groups[(where, _kind(name, op, rest))]
             group[0] += 1
             group[1] += moved

@@ -322,6 +322,9 @@ def test_gpu_profile_summary_buckets_kernels(tmp_path):
     assert (
         gpu.kernel_kind("input_reduce_fusion_3", vae_op) == "AutoencoderKL.decode: norm/reduce_sum"
     )
+    # jaxdiff's Pallas kernels by their names (their op name is only "pallas_call").
+    assert gpu.kernel_kind("geglu_matmul_65536x320x1280", None) == "GEGLU matmul, Pallas (library)"
+    assert gpu.kernel_kind("groupnorm_stats_4096x320", None) == "GroupNorm statistics, Pallas"
 
 
 def test_gpu_dispatch_ms_passes_a_donated_argument_on():
@@ -459,6 +462,53 @@ def test_gpu_hlo_summary_counts_kernels_in_the_program_and_per_loop_step():
     }
     with pytest.raises(ValueError, match="ENTRY"):
         gpu_hlo.summarize("HloModule empty\n")
+
+
+_HLO_SLICES_AND_PALLAS = "\n".join(
+    [
+        "HloModule jit_g",
+        "",
+        "%fused_rows (param_0: f32[4,8], param_1: f32[8]) -> f32[8] {",
+        f"  %param_0 = {_F32} parameter(0)",
+        "  %param_1 = f32[8]{0} parameter(1)",
+        "  %rows = f32[2,2,8]{2,1,0} bitcast(%param_0)",
+        "  %row = f32[1,1,8]{2,1,0} slice(%rows), slice={[0:1], [0:1], [0:8]}",
+        "  %flat = f32[8]{0} bitcast(%row)",
+        "  ROOT %sum = f32[8]{0} add(%flat, %param_1)",
+        "}",
+        "",
+        "ENTRY %main (a: f32[4,8], v: f32[8]) -> f32[8] {",
+        f"  %a = {_F32} parameter(0)",
+        "  %v = f32[8]{0} parameter(1)",
+        _hlo_line(
+            "loop_add_fusion", "f32[8]{0}", "fusion", "%a, %v",
+            "kind=kLoop, calls=%fused_rows", "GroupNorm/add",
+        ),
+        _hlo_line(
+            "pallas_call.1", "f32[2,8]{1,0}", "custom-call", "%a, %a",
+            'custom_call_target="__gpu$xla.gpu.triton", '
+            'backend_config={grid_x = 4 : i32, ir = "ML", name = "groupnorm_stats_4x8"}',
+            "pallas_call",
+        ),
+        "  ROOT %r = f32[8]{0} copy(%loop_add_fusion)",
+        "}",
+        "",
+    ]
+)  # fmt: skip
+
+
+def test_gpu_hlo_traffic_reads_slices_and_repeated_operands_once():
+    """A fusion that only slices an operand (through a bitcast) reads the slice (32 of
+    128 bytes); a Pallas kernel given one array twice reads it once, and is grouped by
+    its kernel's name."""
+    from benchmarks import gpu_hlo
+
+    groups = {kind: (n, b) for _, kind, n, b in gpu_hlo.summarize(_HLO_SLICES_AND_PALLAS)["groups"]}
+    assert groups == {
+        "GroupNorm: GroupNorm/add": (1, 32 + 32 + 32),  # result, row 0 of a, v
+        "GroupNorm statistics, Pallas": (1, 64 + 128),  # result, a once
+        "unmapped": (1, 64),  # the copy
+    }
 
 
 def test_gpu_hlo_tiny_on_cpu(tmp_path):

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from diffusers.models.activations import GEGLU as TorchGEGLU  # noqa: E402
+from tiny_sd import tiling_unet_case, torch_unet_output  # noqa: E402
 
 from jaxdiff.models import attention, geglu_kernel  # noqa: E402
 from jaxdiff.models.geglu_kernel import fused_geglu, geglu_reference  # noqa: E402
@@ -126,38 +127,11 @@ def test_unet_with_the_kernel_tracks_diffusers(fused_switch):
     """A tiny SD 1.x UNet whose 64-channel level tiles (2 x 8 x 8 rows): its three
     GEGLUs there take the kernel, and bf16 compute stays within bf16's few percent of
     diffusers' fp32 output."""
-    import warnings
+    from jaxdiff.models.unet import UNet2DConditionModel
 
-    import diffusers
-
-    from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params
-    from jaxdiff.weights.common import state_dict_to_params
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tm = diffusers.UNet2DConditionModel(
-            block_out_channels=(64, 128),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=4,
-            cross_attention_dim=32,
-            norm_num_groups=16,
-            sample_size=8,
-        ).eval()
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    cfg = UNetConfig.from_diffusers(dict(tm.config))
-    state = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
-    params = state_dict_to_params(state, unet_abstract_params(cfg))
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
-    ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
-    t = np.array([10, 900], np.int64)
-    with torch.no_grad():
-        ref = tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+    tm, cfg, params, inputs = tiling_unet_case()
+    ref = torch_unet_output(tm, inputs)
+    x, t, ctx = inputs
 
     model = UNet2DConditionModel(cfg, dtype=jnp.bfloat16)
     args = ({"params": params}, x.transpose(0, 2, 3, 1), t, ctx)

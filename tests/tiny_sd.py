@@ -166,3 +166,46 @@ def _perturb(*modules) -> None:
         for name, p in module.named_parameters():
             if torch.count_nonzero(p) == 0 or name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def tiling_unet_case(seed: int = 0):
+    """A tiny SD 1.x UNet (diffusers, every tensor random) whose 8x8 maps and 64 / 128
+    channels split into the Pallas kernels' tiles at batch 2, its jaxdiff config and
+    params, and inputs: ``(torch_model, config, params, (x NCHW, t, context))``."""
+    import warnings
+
+    import diffusers
+    import numpy as np
+
+    from jaxdiff.models.unet import UNetConfig, unet_abstract_params
+    from jaxdiff.weights.common import state_dict_to_params
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = diffusers.UNet2DConditionModel(
+            block_out_channels=(64, 128),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=4,
+            cross_attention_dim=32,
+            norm_num_groups=16,
+            sample_size=8,
+        ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    config = UNetConfig.from_diffusers(dict(model.config))
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    params = state_dict_to_params(state, unet_abstract_params(config))
+    rng = np.random.default_rng(seed + 5)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    return model, config, params, (x, np.array([10, 900], np.int64), ctx)
+
+
+def torch_unet_output(model, inputs):
+    """``model``'s sample (a numpy array, NCHW) for ``inputs`` (x NCHW, t, context)."""
+    with torch.no_grad():
+        return model(*(torch.from_numpy(a) for a in inputs)).sample.numpy()

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.models import groupnorm_kernel
 
 Dtype = Any
 _NHWC_DN = ("NHWC", "HWIO", "NHWC")
@@ -252,6 +255,11 @@ _GROUPNORM_SPLIT_SUMS: bool | str = "auto"
 # gives the first step far more parallel outputs. Off until benchmarks/gpu.py's
 # "groupnorm_staged_sums" experiment has measured it.
 _GROUPNORM_STAGED_SUMS: bool = False
+# The statistics from one Pallas kernel that reads x once (``groupnorm_kernel``), on a
+# GPU, when the shapes split into its tiles: False (default), True, or "interpret"
+# (Pallas' interpreter on any backend, for tests). Off until benchmarks/gpu.py's
+# "groupnorm_pallas" experiment has measured it.
+_GROUPNORM_PALLAS: bool | str = False
 
 
 # The resnets' time embedding added inside norm2, in fp32 (GroupNorm's ``offset``),
@@ -305,11 +313,18 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        offset: jax.Array | None = None,
+        parts: Sequence[jax.Array] | None = None,
+    ) -> jax.Array:
         """Normalise ``x`` [B, ..., C] per (sample, group); returns the same shape in ``dtype``.
 
         ``offset`` [B, C]: added to ``x`` first, in fp32, at every position (the
-        resnets' time embedding)."""
+        resnets' time embedding). ``parts``: arrays whose concatenation along the
+        channels is ``x`` (an up-block's input and skip), for the statistics of
+        ``_GROUPNORM_PALLAS``, which then read them where they are; else unused."""
         c = x.shape[-1]
         if x.ndim < 2 or c % self.num_groups != 0:
             raise ValueError(
@@ -324,7 +339,15 @@ class GroupNorm(nn.Module):
         g = xf.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         # Reduce over every spatial axis and the channels inside a group.
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        if x.ndim >= 3 and _cpu_unless_set(_ONE_PASS_GROUPNORM):
+        if _pallas_stats(x, parts):
+            # One read of x for per-tile channel statistics, combined exactly.
+            b, rows = x.shape[0], math.prod(x.shape[1:-1])
+            flat = [p.reshape(b, rows, p.shape[-1]) for p in (parts or [x])]
+            stats = groupnorm_kernel.group_stats(
+                flat, offset, self.num_groups, _GROUPNORM_PALLAS == "interpret"
+            )
+            mean, var = (a.reshape(b, *[1] * (x.ndim - 2), self.num_groups, 1) for a in stats)
+        elif x.ndim >= 3 and _cpu_unless_set(_ONE_PASS_GROUPNORM):
             # Both sums in one read of x (XLA fuses sibling reductions), taken about a
             # shift: each group's mean over the first row, so that E[d^2] - E[d]^2
             # does not cancel when a group's |mean| >> std. The variance does not
@@ -352,6 +375,17 @@ class GroupNorm(nn.Module):
         y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+def _pallas_stats(x: jax.Array, parts: Sequence[jax.Array] | None) -> bool:
+    """Whether GroupNorm takes its statistics from ``groupnorm_kernel`` for ``x``
+    (given as ``parts`` when not None)."""
+    if not _GROUPNORM_PALLAS or x.ndim < 3:
+        return False
+    if _GROUPNORM_PALLAS != "interpret" and jax.default_backend() != "gpu":
+        return False
+    rows = math.prod(x.shape[1:-1])
+    return all(groupnorm_kernel.fits(rows, p.shape[-1]) for p in (parts or [x]))
 
 
 class ResnetBlock2D(nn.Module):
@@ -389,18 +423,28 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, temb: jax.Array | None = None, temb_proj: jax.Array | None = None
+        self,
+        x: jax.Array,
+        temb: jax.Array | None = None,
+        temb_proj: jax.Array | None = None,
+        skip: jax.Array | None = None,
     ) -> jax.Array:
         """Args: x [B, H, W, C_in]; temb [B, T], [B/k, T] (tiled k times) or None;
-        temb_proj [B, C_out] or [B/k, C_out], or None.
+        temb_proj [B, C_out] or [B/k, C_out], or None; skip: an up-block's skip
+        connection [B, H, W, C_skip], joined to x along the channels first (the
+        block's input is then [B, H, W, C_in + C_skip]), or None.
 
         Returns [B, H, W, C_out] in ``dtype``.
         """
+        parts = None
+        if skip is not None:
+            parts = (x, skip)
+            x = jnp.concatenate(parts, axis=-1)
         cin = x.shape[-1]
         cout = self.out_channels or cin
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
+        h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x, parts=parts)
         h = nn.silu(h)
         h = conv3x3(cout, name="conv1", **kw)(h)
         t = None

@@ -434,10 +434,10 @@ class _Block(nn.Module):
             name=name,
         )
 
-        def run(x: jax.Array, temb: TimeEmbedding) -> jax.Array:
+        def run(x: jax.Array, temb: TimeEmbedding, skip: jax.Array | None = None) -> jax.Array:
             if isinstance(temb, Mapping):  # projected for every resnet (merged weights)
-                return module(x, None, temb[f"{self.name}/{name}"])
-            return module(x, temb)
+                return module(x, None, temb[f"{self.name}/{name}"], skip)
+            return module(x, temb, None, skip)
 
         return run
 
@@ -545,8 +545,7 @@ class UpBlock(_Block):
             # Skips from before the first cross-attention may still have a shared
             # sample's batch (see UNet2DConditionModel).
             skip = tile_batch(skip.astype(x.dtype), x.shape[0])
-            x = jnp.concatenate([x, skip], axis=-1)
-            x = self.resnet(out, f"resnets_{j}")(x, temb)
+            x = self.resnet(out, f"resnets_{j}")(x, temb, skip)
             if cross:
                 x = self.transformer(out, heads, f"attentions_{j}")(x, context)
         if i < n - 1:
