@@ -76,6 +76,15 @@ NEEDS_S = {"jaxdiff": 280.0, "torch": 60.0, "flax039": 150.0, "torch_compile": 1
 # appended to XLA_FLAGS; "options" go to the jaxdiff worker (runner.options); "need_s" as NEEDS_S
 # (VARIANT_NEED_S unless given); "cold": no shared XLA cache. Run in this order;
 # "default": False marks the ones that run only when named (--variants).
+# The sampler's candidate defaults (t2i_cold_candidate, t2i_all_candidates).
+VARIANT_PATCHES_T2I_CANDIDATE = (
+    ("jaxdiff.models.attention", "_CUDNN_MAX_HEAD", 256),
+    (
+        "jaxdiff.pipeline",
+        "DEFAULT_COMPILER_OPTIONS",
+        {"gpu": {"xla_gpu_enable_triton_gemm": False}},
+    ),
+)
 VARIANTS: dict[str, dict[str, Any]] = {
     # Measured results (H200, sessions 8 to 11) are in benchmarks/NOTES.md.
     #
@@ -149,14 +158,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # worker gives both sampler goals' figures for that code, the cold compile
     # (<= 30 s) and the 50-step call (<= 1.6 s): two changes' effects need not add up.
     "t2i_cold_candidate": {
-        "patches": (
-            ("jaxdiff.models.attention", "_CUDNN_MAX_HEAD", 256),
-            (
-                "jaxdiff.pipeline",
-                "DEFAULT_COMPILER_OPTIONS",
-                {"gpu": {"xla_gpu_enable_triton_gemm": False}},
-            ),
-        ),
+        "patches": VARIANT_PATCHES_T2I_CANDIDATE,
         "items": ("t2i",),
         "cold": True,
         "need_s": 60.0,
@@ -359,6 +361,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "patch": ("jaxdiff.models.layers", "_GROUPNORM_PALLAS", True),
         "items": ("unet_b16", "vae_decode", "t2i"),
         "need_s": 80.0,
+    },
+    # Every candidate at once, for when each has paid alone (run when named): the
+    # sampler with cuDNN attention for heads of 160, no Triton GEMMs and both Pallas
+    # kernels, and the UNet with those kernels, the heads and its chosen layouts.
+    "t2i_all_candidates": {
+        "patches": (
+            *VARIANT_PATCHES_T2I_CANDIDATE,
+            ("jaxdiff.models.attention", "_GEGLU_FUSED", True),
+            ("jaxdiff.models.layers", "_GROUPNORM_PALLAS", True),
+        ),
+        "items": ("t2i",),
+        "need_s": 60.0,
+        "default": False,
+    },
+    "unet_all_candidates": {
+        "options": {"param_layouts": True},
+        "patches": (
+            ("jaxdiff.models.attention", "_CUDNN_MAX_HEAD", 256),
+            ("jaxdiff.models.attention", "_GEGLU_FUSED", True),
+            ("jaxdiff.models.layers", "_GROUPNORM_PALLAS", True),
+        ),
+        "items": ("unet_b2", "unet_b16"),
+        "need_s": 80.0,
+        "default": False,
     },
     # The sampler as before change 28: every step recomputes the cross-attentions' keys
     # and values of the (fixed) text context. XLA left them in the loop: one merged GEMM

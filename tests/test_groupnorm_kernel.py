@@ -117,6 +117,8 @@ def test_groupnorm_module_with_kernel_matches_torch(monkeypatch):
     assert _pallas_calls(lambda *v: apply(*v), params, x, a, skip) == 2  # one per part
     got = np.asarray(jax.jit(lambda *v: apply(*v))(params, x, a, skip))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not make up"):
+        gn.apply(params, x, parts=(a, skip[..., :64]))
     # Off by default; and never the real kernel on a CPU.
     for switch in (False, True):
         monkeypatch.setattr(layers, "_GROUPNORM_PALLAS", switch)

@@ -13,7 +13,7 @@ pairwise combination): mean = the mean of the tile means, M2 = the sum of the ti
 M2 plus rows x the sum of the squared deviations of the tile means. That step reads
 partials of 1/16 to 1/4 of the input's bytes.
 
-Limits: rows (H x W) a power of two times ``TILE_ROWS`` or a power of two below it,
+Limits: rows (H x W) a multiple of ``TILE_ROWS`` or a power of two below it,
 channels a multiple of ``CHANNEL_BLOCK`` (callers fall back otherwise; every SD 1.5
 and VAE GroupNorm fits). No partitioning rule: for single-device programs (a program
 sharded by XLA's SPMD partitioner would gather the input). Gradients come from the

@@ -331,6 +331,12 @@ class GroupNorm(nn.Module):
                 f"GroupNorm: {c} channels (input shape {x.shape}) cannot be split into "
                 f"{self.num_groups} groups"
             )
+        if parts is not None and (
+            sum(p.shape[-1] for p in parts) != c or any(p.shape[:-1] != x.shape[:-1] for p in parts)
+        ):
+            raise ValueError(
+                f"GroupNorm: parts {[p.shape for p in parts]} do not make up x {x.shape}"
+            )
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         xf = x.astype(jnp.float32)
