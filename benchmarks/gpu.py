@@ -345,8 +345,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # product kernels took 1.27 ms of each batch-16 UNet call in session 11's profile
     # (16 per call, 0.92 ms of traffic per sampler step deviceless). The question is
     # whether Triton's GEMM with this epilogue (128 x 128 x 64 tiles per half, 8 warps,
-    # 3 stages, untuned) keeps up with cuBLAS. Predicted: -0.5 to -1 ms per batch-16
-    # call and per step if it does; slower if Triton's GEMM is >15 % behind cuBLAS's.
+    # 3 stages, untuned) keeps up with cuBLAS. Predicted per batch-16 call and per step:
+    # ~-1.1 ms if it runs as fast as cuBLAS, ~-0.2 ms at 75 % of its speed (NOTES,
+    # session 17).
     "geglu_fused": {
         "patch": ("jaxdiff.models.attention", "_GEGLU_FUSED", True),
         "items": ("unet_b16", "t2i"),

@@ -56,7 +56,14 @@ import jax.numpy as jnp
 
 from jaxdiff.models import geglu_kernel
 from jaxdiff.models.geglu_kernel import fused_geglu
-from jaxdiff.models.layers import Conv, GroupNorm, dense, gelu_erf, tile_batch
+from jaxdiff.models.layers import (
+    Conv,
+    GroupNorm,
+    dense,
+    gelu_erf,
+    pallas_switch_on,
+    tile_batch,
+)
 
 Dtype = Any
 # fn(module, q [B,T,N,H], k [B,S,N,H], v [B,S,N,H]) -> [B,T,N,H]
@@ -448,8 +455,8 @@ class Attention(nn.Module):
         # q [B, T, inner], k/v [B, S, inner] -> heads, attention, to_out_0 -> [B, T, C].
         split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)
         out = self.attend(split(q), split(k), split(v))
-        dense = nn.Dense(c, name="to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)
-        return dense(out.reshape(b, t, self.heads * self.dim_head))
+        to_out = nn.Dense(c, name="to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)
+        return to_out(out.reshape(b, t, self.heads * self.dim_head))
 
 
 def cross_attention_kv(params: Mapping, context: jax.Array, dtype: Dtype = jnp.float32) -> dict:
@@ -543,11 +550,9 @@ class GEGLU(nn.Module):
 
     def _fused(self, x: jax.Array) -> bool:
         """Whether this call takes the fused kernel (see ``_GEGLU_FUSED``)."""
-        if not _GEGLU_FUSED or self.is_initializing():
+        if not pallas_switch_on(_GEGLU_FUSED) or self.is_initializing():
             return False
-        if _GEGLU_FUSED != "interpret" and (
-            jax.default_backend() != "gpu" or self.dtype not in (jnp.bfloat16, jnp.float16)
-        ):
+        if _GEGLU_FUSED != "interpret" and self.dtype not in (jnp.bfloat16, jnp.float16):
             return False
         return geglu_kernel.fits(math.prod(x.shape[:-1]), x.shape[-1], self.features)
 

@@ -42,6 +42,7 @@ __all__ = [
     "Conv",
     "tile_batch",
     "gelu_erf",
+    "pallas_switch_on",
     "dense",
 ]
 
@@ -383,12 +384,16 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+def pallas_switch_on(switch: bool | str) -> bool:
+    """Whether a Pallas kernel's switch (False, True: on a GPU, "interpret": Pallas'
+    interpreter on any backend) lets it run on this backend."""
+    return switch == "interpret" or (bool(switch) and jax.default_backend() == "gpu")
+
+
 def _pallas_stats(x: jax.Array, parts: Sequence[jax.Array] | None) -> bool:
     """Whether GroupNorm takes its statistics from ``groupnorm_kernel`` for ``x``
     (given as ``parts`` when not None)."""
-    if not _GROUPNORM_PALLAS or x.ndim < 3:
-        return False
-    if _GROUPNORM_PALLAS != "interpret" and jax.default_backend() != "gpu":
+    if not pallas_switch_on(_GROUPNORM_PALLAS) or x.ndim < 3:
         return False
     rows = math.prod(x.shape[1:-1])
     return all(groupnorm_kernel.fits(rows, p.shape[-1]) for p in (parts or [x]))
