@@ -27,6 +27,10 @@ BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 # Arrays smaller than this (elements) stay replicated under FSDP: gathering a
 # bias or a norm scale costs more in latency than its replicas cost in memory.
 DEFAULT_MIN_FSDP_SIZE = 2**14
+# A dict key starting with this marks a subtree that `param_shardings` keeps replicated
+# whatever its shapes (the optimizer's packed vector of small leaves, themselves below
+# the FSDP threshold: `jaxdiff.train.optim.pack_small_leaves`).
+REPLICATED_KEY = "replicated:"
 
 # Environment variables read by `initialize_distributed`.
 ENV_COORDINATOR = "JAXDIFF_COORDINATOR"
@@ -126,7 +130,8 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_
       min_size: see `fsdp_spec`.
 
     Returns:
-      A pytree of the same structure with a `NamedSharding` per leaf.
+      A pytree of the same structure with a `NamedSharding` per leaf; leaves under
+      a dict key starting with `REPLICATED_KEY` are replicated.
 
     Raises:
       ValueError: if a leaf has no shape.
@@ -138,6 +143,8 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_
                 f"param_shardings: leaf at {jax.tree_util.keystr(path)} has no shape "
                 f"({type(leaf).__name__}); pass a tree of arrays or ShapeDtypeStructs"
             )
+        if any(str(getattr(k, "key", "")).startswith(REPLICATED_KEY) for k in path):
+            return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, fsdp_spec(leaf.shape, mesh, min_size))
 
     return jax.tree_util.tree_map_with_path(one, abstract_tree)

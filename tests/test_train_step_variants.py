@@ -38,14 +38,18 @@ def setup():
     return config, params, batch, parallel.make_mesh(data=2, fsdp=4)
 
 
+# The tests' FSDP threshold: small enough that the tiny model's kernels are sharded.
+MIN_SIZE = 64
+
+
 def _two_steps(setup):
     """(lowered text, UNet params after two steps, last loss, optimizer state leaves)."""
     config, params, batch, mesh = setup
     # The optimizer is built here, after any switch is set (make_optimizer reads it).
-    tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16)
+    tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16, MIN_SIZE)
     fresh = jax.tree.map(jnp.copy, params)  # (the step donates the state)
     state = init_state(fresh, tx, step_cfg, jax.random.key(0))
-    state = jax.device_put(state, parallel.param_shardings(state, mesh, min_size=64))
+    state = jax.device_put(state, parallel.param_shardings(state, mesh, MIN_SIZE))
     step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
     text = step.lower(state, batch, jax.random.key(1)).as_text()
     for _ in range(2):
@@ -67,9 +71,14 @@ def _grad_layout(pin):
 
 @pytest.fixture(scope="module")
 def default_run(setup):
-    """The plain step: gradients in whatever layout XLA picks."""
-    with _grad_layout(False):
-        return _two_steps(setup)
+    """The plain step: gradients in whatever layout XLA picks, AdamW leaf by leaf."""
+    saved = optim._PACK_SMALL_BELOW
+    optim._PACK_SMALL_BELOW = 0
+    try:
+        with _grad_layout(False):
+            return _two_steps(setup)
+    finally:
+        optim._PACK_SMALL_BELOW = saved
 
 
 def _assert_same_step(setup, run, default_run, rtol):
@@ -112,6 +121,66 @@ def test_flat_optimizer(setup, default_run, monkeypatch):
     run = _two_steps(setup)
     assert run[3] < default_run[3] // 10, (run[3], default_run[3])
     _assert_same_step(setup, run, default_run, rtol=2e-5)
+
+
+def _compiled_collectives(setup, pack_below: int) -> dict[str, int]:
+    """Collectives in the step compiled for the FSDP mesh, with the small leaves below
+    ``pack_below`` elements packed (0: none), the state sharded at ``MIN_SIZE`` and a
+    batch of 8 split over the mesh as the training loop splits it."""
+    config, params, _, mesh = setup
+    split = parallel.batch_sharding(mesh)
+    batch = {
+        "latents": jax.ShapeDtypeStruct((8, 8, 8, 4), jnp.float32, sharding=split),
+        "input_ids": jax.ShapeDtypeStruct((8, 77), jnp.int32, sharding=split),
+    }
+    saved = optim._PACK_SMALL_BELOW
+    optim._PACK_SMALL_BELOW = pack_below
+    try:
+        # As the library builds it (phases): packing no leaf that FSDP shards.
+        tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16, MIN_SIZE)
+        abstract = jax.eval_shape(lambda p: init_state(p, tx, step_cfg, jax.random.key(0)), params)
+        shardings = parallel.param_shardings(abstract, mesh, MIN_SIZE)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+        text = step.lower(abstract, batch, jax.random.key(1)).compile().as_text()
+    finally:
+        optim._PACK_SMALL_BELOW = saved
+    return {op: text.count(f"{op}(") for op in ("all-gather", "all-reduce", "collective-permute")}
+
+
+def test_small_leaves_packed(setup, default_run):
+    """The default optimizer packs the leaves that FSDP leaves replicated into one vector
+    (`optim.pack_small_leaves`): the same step as AdamW leaf by leaf (up to the order of
+    the norm's sums), two moment arrays for all those leaves, replicated, and no more
+    collectives on the FSDP mesh than the per-leaf step."""
+    assert optim._PACK_SMALL_BELOW == parallel.DEFAULT_MIN_FSDP_SIZE
+    _, params, _, mesh = setup
+    unet = jax.tree.leaves(params["unet"])
+    small = [a for a in unet if a.size < MIN_SIZE]
+    assert 0 < len(small) < len(unet)
+    with _grad_layout(False):  # the packing alone against the plain step
+        run = _two_steps(setup)
+    # mu and nu: one array each for the small leaves instead of one per leaf.
+    assert default_run[3] - run[3] == 2 * (len(small) - 1)
+    _assert_same_step(setup, run, default_run, rtol=2e-5)
+
+    # The packed moments stay replicated even where their size would be sharded.
+    tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16, MIN_SIZE)
+    state = jax.eval_shape(lambda p: init_state(p, tx, step_cfg, jax.random.key(0)), params)
+    shardings = jax.tree_util.tree_leaves_with_path(
+        parallel.param_shardings(state, mesh, min_size=8)
+    )
+    packed = [sh for path, sh in shardings if parallel.REPLICATED_KEY in jax.tree_util.keystr(path)]
+    assert len(packed) == 2  # mu, nu
+    assert all(sh.spec == jax.sharding.PartitionSpec() for sh in packed)
+
+    plain = _compiled_collectives(setup, 0)
+    with_packing = _compiled_collectives(setup, optim._PACK_SMALL_BELOW)
+    assert plain["all-gather"] > 0
+    for op, n in with_packing.items():
+        assert n <= plain[op], (op, with_packing, plain)
 
 
 def test_vae_step_pins_gradients_to_the_same_step(setup):

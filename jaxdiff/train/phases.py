@@ -92,7 +92,13 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def _make_tx(
-    labels_tree: Any, trainable: tuple[str, ...], lr: float, warmup: int, steps: int, opt: Any
+    labels_tree: Any,
+    trainable: tuple[str, ...],
+    lr: float,
+    warmup: int,
+    steps: int,
+    opt: Any,
+    fsdp_min_size: int,
 ):
     """AdamW over ``trainable`` with the config's schedule, clipping and accumulation."""
     accumulation = int(opt.accumulation_steps)
@@ -109,13 +115,17 @@ def _make_tx(
         weight_decay=float(opt.weight_decay),
         clip_norm=clip,
         accumulation_steps=accumulation,
+        fsdp_min_size=fsdp_min_size,
     )
     return tx, schedule
 
 
+def _fsdp_min_size(config: Any) -> int:
+    return int(config.mesh.get("fsdp_min_size", parallel.DEFAULT_MIN_FSDP_SIZE))
+
+
 def _state_shardings(abstract: TrainState, mesh: Mesh, config: Any) -> Any:
-    min_size = int(config.mesh.get("fsdp_min_size", parallel.DEFAULT_MIN_FSDP_SIZE))
-    return parallel.param_shardings(abstract, mesh, min_size)
+    return parallel.param_shardings(abstract, mesh, _fsdp_min_size(config))
 
 
 def _jit_step(fn: Callable, state_sh: Any, mesh: Mesh) -> Callable:
@@ -142,6 +152,7 @@ def vae_phase(config: Any, model: setup.Model, mesh: Mesh) -> Phase:
         vcfg.warmup_steps,
         int(vcfg.steps),
         config.optimizer,
+        _fsdp_min_size(config),
     )
 
     def init(rng):
@@ -235,6 +246,7 @@ def diffusion_phase(
         config.optimizer.warmup_steps,
         int(config.total_steps),
         config.optimizer,
+        _fsdp_min_size(config),
     )
 
     def init_from(params, rng):

@@ -128,7 +128,7 @@ def make_vae_train_step(
             "loss": loss,
             "recon": aux["recon"],
             "kl": aux["kl"],
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": optim.grad_norm_metric(grads, opt_state),
         }  # param_norm: added by the training loop when it logs (see step.param_norm)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
