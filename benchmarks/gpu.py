@@ -89,7 +89,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Measured results (H200, sessions 8 to 11) are in benchmarks/NOTES.md.
     #
     # Each conv kernel's gradient pinned to the default layout before AdamW (switch
-    # train.step._GRAD_LAYOUT). Session 10's profile: XLA computes each conv kernel's
+    # train.optim._GRAD_LAYOUT). Session 10's profile: XLA computes each conv kernel's
     # update in the layout of cuDNN's weight gradient, transposing the fp32 param and
     # both moments in and out (20 + 5 fusions, 13 ms per step) and copying the results
     # into the donated buffers (249 memcpy, 3.5 ms); an optimization barrier on the
@@ -97,7 +97,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Predicted: ~-14 ms per step. Session 11 (H200): 106.5 -> 88.5 ms per step (n=1):
     # now the default on CPU and GPU; this forces it on (e.g. under a patched default).
     "train_grad_layout": {
-        "patch": ("jaxdiff.train.step", "_GRAD_LAYOUT", True),
+        "patch": ("jaxdiff.train.optim", "_GRAD_LAYOUT", True),
         "options": {"profile_files": True},
         "items": ("train_step",),
         "need_s": 150.0,
@@ -124,6 +124,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # 2^14 elements into one vector: 810 fewer moment arrays to donate, and deviceless
     # 5367 -> 5020 kernels per step, 378 of them tiny reductions). Predicted for the
     # default: -5 to -6.5 ms per waited-for step (host), -0.7 to -0.9 ms back to back.
+    # Change 34's A/B: the conv gradients pinned before the clipping (the session-11
+    # form) instead of after it (train.optim._PIN_AFTER_CLIP = False). Pinned first, the
+    # clipping's norm reads the transposed gradients: deviceless, 93 more transpose
+    # kernels per step and +1.7 ms of traffic. Predicted for the default: -1.5 to -2.5 ms
+    # per step.
+    "train_pin_before_clip": {
+        "patch": ("jaxdiff.train.optim", "_PIN_AFTER_CLIP", False),
+        "options": {"profile_files": True},
+        "items": ("train_step",),
+        "need_s": 150.0,
+    },
     "train_unpacked_optimizer": {
         "patch": ("jaxdiff.train.optim", "_PACK_SMALL_BELOW", 0),
         "options": {"profile_files": True},

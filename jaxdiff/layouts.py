@@ -218,7 +218,7 @@ def default_layouts(tree: Any, ndim: int = 4) -> Any:
     layout (``jax.experimental.layout.with_layout_constraint``; values unchanged), for
     use inside a jitted function: XLA transposes such a value where it is pinned
     rather than carrying another layout into its consumers (the train step's conv
-    gradients, ``train.step._GRAD_LAYOUT``)."""
+    gradients, ``train.optim._GRAD_LAYOUT``)."""
 
     def pin(a):
         if a.ndim != ndim:

@@ -20,13 +20,14 @@ from jaxdiff.train import optim
 
 
 def _tree(seed: int = 0) -> dict:
-    """Params-like: two large kernels, many small leaves, one of them bf16."""
+    """Params-like: two large kernels (a conv kernel of 2^14 elements or more, as the
+    optimizer leaves unpacked), many small leaves, one of them bf16."""
     keys = iter(jax.random.split(jax.random.key(seed), 16))
     normal = lambda shape, dtype=jnp.float32: jax.random.normal(next(keys), shape, dtype)  # noqa: E731
     return {
         "unet": {
-            "conv": {"kernel": normal((3, 3, 16, 32)), "bias": normal((32,))},
-            "norm": {"scale": normal((16,)), "bias": normal((16,))},
+            "conv": {"kernel": normal((3, 3, 32, 64)), "bias": normal((64,))},
+            "norm": {"scale": normal((32,)), "bias": normal((32,))},
             "dense": {"kernel": normal((64, 300)), "bias": normal((300,))},
             "half": normal((24,), jnp.bfloat16),
         },
@@ -163,3 +164,30 @@ def test_param_shardings_keep_the_packed_vectors_replicated():
     shardings = parallel.param_shardings(tree, mesh)
     assert shardings["mu"][f"{parallel.REPLICATED_KEY}float32"].spec == PartitionSpec()
     assert shardings["mu"]["large"][0].spec == PartitionSpec(None, parallel.FSDP_AXIS)
+
+
+@pytest.mark.parametrize("after_clip", [True, False])
+def test_layouts_pinned_after_the_clipping(monkeypatch, after_clip):
+    """`make_optimizer` pins the conv-kernel gradients' layouts after the clipping's norm
+    (`optim._PIN_AFTER_CLIP`), so that the norm reads them in the layout they come in;
+    the other order is kept for the A/B. Both give the same updates."""
+    monkeypatch.setattr(optim, "_GRAD_LAYOUT", True)
+    monkeypatch.setattr(optim, "_PIN_AFTER_CLIP", after_clip)
+    params = _tree()
+    labels = optim.trainable_labels(params, ("unet",))
+    tx = optim.make_optimizer(labels, optax.constant_schedule(1e-3))
+    state = tx.init(params)
+    grads = _grads(params, 5.0)
+    text = jax.jit(tx.update).lower(grads, state, params).as_text()
+    # The norm is the first reduction traced; the pin is one constraint per 4-D leaf.
+    first_pin, first_reduce = text.index("LayoutConstraint"), text.index("stablehlo.reduce")
+    assert (first_reduce < first_pin) == after_clip
+    kernels = [a for a in jax.tree.leaves(params["unet"]) if a.ndim == 4]
+    assert text.count("LayoutConstraint") == len(kernels) == 1
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    monkeypatch.setattr(optim, "_GRAD_LAYOUT", False)
+    plain, _ = jax.jit(optim.make_optimizer(labels, optax.constant_schedule(1e-3)).update)(
+        grads, state, params
+    )
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -21,7 +21,6 @@ from benchmarks import gpu
 from jaxdiff import layouts, parallel
 from jaxdiff.models.sd import abstract_params
 from jaxdiff.train import optim
-from jaxdiff.train import step as train_step_module
 from jaxdiff.train.step import init_state, make_train_step
 
 
@@ -60,13 +59,13 @@ def _two_steps(setup):
 
 @contextlib.contextmanager
 def _grad_layout(pin):
-    """``train.step._GRAD_LAYOUT`` set to ``pin`` (steps built inside read it)."""
-    saved = train_step_module._GRAD_LAYOUT
-    train_step_module._GRAD_LAYOUT = pin
+    """``train.optim._GRAD_LAYOUT`` set to ``pin`` (steps built inside read it)."""
+    saved = optim._GRAD_LAYOUT
+    optim._GRAD_LAYOUT = pin
     try:
         yield
     finally:
-        train_step_module._GRAD_LAYOUT = saved
+        optim._GRAD_LAYOUT = saved
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def _assert_same_step(setup, run, default_run, rtol):
 
 
 def test_conv_gradients_pinned_to_default_layouts(setup, default_run):
-    """``train.step._GRAD_LAYOUT`` (the default on CPU and GPU): one layout constraint
+    """``train.optim._GRAD_LAYOUT`` (the default on CPU and GPU): one layout constraint
     per 4-D gradient, same step as the plain one."""
     tree = {"k": jnp.arange(72.0).reshape(3, 3, 2, 4), "b": jnp.ones(4)}
     pinned = jax.jit(layouts.default_layouts)(tree)
@@ -105,8 +104,8 @@ def test_conv_gradients_pinned_to_default_layouts(setup, default_run):
         np.testing.assert_array_equal(pinned[name], tree[name])
     # Only the 4-D leaf is pinned.
     assert jax.jit(layouts.default_layouts).lower(tree).as_text().count("LayoutConstraint") == 1
-    assert train_step_module._GRAD_LAYOUT is None  # the library's default: by backend
-    assert jax.default_backend() == "cpu" and train_step_module._pin_grad_layouts()
+    assert optim._GRAD_LAYOUT is None  # the library's default: by backend
+    assert jax.default_backend() == "cpu" and optim._pin_grad_layouts()
     run = _two_steps(setup)
     kernels = [a for a in jax.tree.leaves(default_run[1]) if a.ndim == 4]
     assert run[0].count("LayoutConstraint") == len(kernels) > 0
@@ -196,7 +195,9 @@ def test_vae_step_pins_gradients_to_the_same_step(setup):
 
     def two_steps(pin):
         labels = optim.trainable_labels(params, ("vae",))
-        tx = optim.make_optimizer(labels, optax.constant_schedule(1e-3))
+        # The tests' FSDP threshold: the kernels are not packed into the small-leaf
+        # vector, so each is pinned.
+        tx = optim.make_optimizer(labels, optax.constant_schedule(1e-3), fsdp_min_size=MIN_SIZE)
         state = init_state(jax.tree.map(jnp.copy, params), tx, cfg, jax.random.key(0))
         with _grad_layout(pin):  # read when the step is traced
             step = jax.jit(make_vae_train_step(vae_config, cfg, tx))
@@ -207,7 +208,7 @@ def test_vae_step_pins_gradients_to_the_same_step(setup):
 
     plain_text, plain = two_steps(False)
     pinned_text, pinned = two_steps(None)
-    kernels = [a for a in jax.tree.leaves(params) if a.ndim == 4]
+    kernels = [a for a in jax.tree.leaves(params) if a.ndim == 4 and a.size >= MIN_SIZE]
     assert pinned_text.count("LayoutConstraint") == len(kernels) > 0
     assert "LayoutConstraint" not in plain_text
     start = jax.device_get(params["vae"])

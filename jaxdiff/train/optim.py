@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxdiff import parallel
+from jaxdiff import layouts, parallel
 
 TRAIN, FREEZE = "train", "freeze"
 
@@ -34,6 +34,25 @@ TRAIN, FREEZE = "train", "freeze"
 # parameters' shards (tests' 2 x 4 mesh: all-gathers 144 -> 488, collective-permutes
 # 33 -> 650 per step).
 _FLAT_OPTIMIZER = False
+
+# Every conv kernel's gradient pinned to the default (row-major [h, w, in, out]) layout
+# before AdamW (`pin_layouts`, in `make_optimizer`'s chain). Without it XLA runs AdamW's
+# update of each conv kernel in the layout of cuDNN's weight gradient ([out, h, w, in]):
+# the fused update transposes the fp32 param and both moments in and all three results
+# out, then copies the results into the donated buffers (session 10's H200 profile: 13 +
+# 3.5 ms of a 90 ms step; an optimization barrier did not help, the layout went through
+# it). Measured on an H200 (session 11): 106.5 -> 88.5 ms per step at SD 1.5 shapes,
+# batch 8. None: on for the CPU and GPU backends (measured), off elsewhere (TPU layouts
+# are tiled; unmeasured); True / False force it (benchmarks/gpu.py's
+# "train_grad_layout" experiment).
+_GRAD_LAYOUT: bool | None = None
+
+# Where the pin goes: after the clipping (True), whose norm then reads each gradient in
+# the layout it comes in; or first, before the clipping (False; the form measured in
+# session 11). Pinned first, the norm reads the pinned gradients: XLA transposes each
+# large conv-kernel gradient once for the norm's squares and again for the update (63 +
+# 30 transpose kernels per SD 1.5 step writing 1.1 ms of traffic, deviceless).
+_PIN_AFTER_CLIP = True
 
 # Clipping and AdamW see every trainable leaf with fewer than this many elements
 # (biases, norm scales, small kernels: 406 of SD 1.5's 686 UNet leaves, 0.05 % of its
@@ -96,9 +115,11 @@ def make_optimizer(
     The leaves below ``_PACK_SMALL_BELOW`` elements, and below ``fsdp_min_size`` (the
     one the state is sharded with: only replicated leaves are packed), go through
     clipping and AdamW as one vector (`pack_small_leaves`). The clipping records the
-    gradients' norm (`grad_norm_metric`).
+    gradients' norm (`grad_norm_metric`), then the gradients' layouts are pinned
+    (`pin_layouts`) before AdamW.
     """
     inner = [clip_by_global_norm(clip_norm or None)]
+    inner.insert(len(inner) if _PIN_AFTER_CLIP else 0, pin_layouts())
     inner.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     train = optax.chain(*inner)
     if _FLAT_OPTIMIZER:
@@ -109,6 +130,26 @@ def make_optimizer(
     if accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps)
     return tx
+
+
+def _pin_grad_layouts() -> bool:
+    if _GRAD_LAYOUT is not None:
+        return _GRAD_LAYOUT
+    return jax.default_backend() in ("cpu", "gpu")
+
+
+def pin_grad_layouts(grads: Any) -> Any:
+    """``grads`` with each conv kernel's gradient pinned to the default layout (where
+    ``_GRAD_LAYOUT`` says so; see there), for use inside a jitted step. Values
+    unchanged."""
+    return layouts.default_layouts(grads) if _pin_grad_layouts() else grads
+
+
+def pin_layouts() -> optax.GradientTransformation:
+    """`pin_grad_layouts` as a stateless transformation, for an optimizer's chain: after
+    the clipping (whose norm reads the gradients in any layout) and before the update
+    that writes the parameters and moments in place."""
+    return optax.stateless(lambda updates, params=None: pin_grad_layouts(updates))
 
 
 class GradNormState(NamedTuple):

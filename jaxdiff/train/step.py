@@ -18,33 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxdiff import layouts, schedules
+from jaxdiff import schedules
 from jaxdiff.models.sd import SDConfig, apply_unet, encode_images, encode_text
 from jaxdiff.train import optim
-
-# Every conv kernel's gradient pinned to the default (row-major [h, w, in, out]) layout
-# before the optimizer. Without it XLA runs AdamW's update of each conv kernel in the
-# layout of cuDNN's weight gradient ([out, h, w, in]): the fused update transposes the
-# fp32 param and both moments in and all three results out, then copies the results
-# into the donated buffers (session 10's H200 profile: 13 + 3.5 ms of a 90 ms step; an
-# optimization barrier did not help, the layout went through it). Measured on an H200
-# (session 11): 106.5 -> 88.5 ms per step at SD 1.5 shapes, batch 8. None: on for the
-# CPU and GPU backends (measured), off elsewhere (TPU layouts are tiled; unmeasured);
-# True / False force it (benchmarks/gpu.py's "train_grad_layout" experiment).
-_GRAD_LAYOUT: bool | None = None
-
-
-def _pin_grad_layouts() -> bool:
-    if _GRAD_LAYOUT is not None:
-        return _GRAD_LAYOUT
-    return jax.default_backend() in ("cpu", "gpu")
-
-
-def pin_grad_layouts(grads: Any) -> Any:
-    """``grads`` with each conv kernel's gradient pinned to the default layout (where
-    ``_GRAD_LAYOUT`` says so; see there), for use inside a jitted step before the
-    optimizer. Values unchanged."""
-    return layouts.default_layouts(grads) if _pin_grad_layouts() else grads
 
 
 class TrainState(struct.PyTreeNode):
@@ -218,7 +194,6 @@ def make_train_step(
             alphas_cumprod=alphas_cumprod,
             prediction_type=sched.prediction_type,
         )
-        grads = pin_grad_layouts(grads)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         ema = state.ema_params

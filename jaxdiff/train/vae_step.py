@@ -21,7 +21,7 @@ import optax
 
 from jaxdiff.models.autoencoder import AutoencoderConfig, vae_decode, vae_encode
 from jaxdiff.train import optim
-from jaxdiff.train.step import TrainState, pin_grad_layouts
+from jaxdiff.train.step import TrainState
 
 RECON_LOSSES = ("l1", "l2")
 
@@ -112,9 +112,6 @@ def make_vae_train_step(
         (loss, aux), grads = jax.value_and_grad(
             lambda p: vae_loss(p["vae"], pixels, rng, config=config, cfg=cfg), has_aux=True
         )(state.params)
-        # The conv kernels' gradients in the default layout before AdamW (as the
-        # diffusion step: no transposed, out-of-place update on GPU).
-        grads = pin_grad_layouts(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
