@@ -94,7 +94,13 @@ def _assert_same_step(setup, run, default_run, rtol):
     assert moved == len(jax.tree.leaves(start))  # every parameter took both steps
 
 
-def test_conv_gradients_pinned_to_default_layouts(setup, default_run):
+@pytest.fixture(scope="module")
+def library_run(setup):
+    """The step as the library builds it: layouts pinned, small leaves packed."""
+    return _two_steps(setup)
+
+
+def test_conv_gradients_pinned_to_default_layouts(setup, default_run, library_run):
     """``train.optim._GRAD_LAYOUT`` (the default on CPU and GPU): one layout constraint
     per 4-D gradient, same step as the plain one."""
     tree = {"k": jnp.arange(72.0).reshape(3, 3, 2, 4), "b": jnp.ones(4)}
@@ -106,7 +112,7 @@ def test_conv_gradients_pinned_to_default_layouts(setup, default_run):
     assert jax.jit(layouts.default_layouts).lower(tree).as_text().count("LayoutConstraint") == 1
     assert optim._GRAD_LAYOUT is None  # the library's default: by backend
     assert jax.default_backend() == "cpu" and optim._pin_grad_layouts()
-    run = _two_steps(setup)
+    run = library_run
     kernels = [a for a in jax.tree.leaves(default_run[1]) if a.ndim == 4]
     assert run[0].count("LayoutConstraint") == len(kernels) > 0
     assert "LayoutConstraint" not in default_run[0]
@@ -149,7 +155,7 @@ def _compiled_collectives(setup, pack_below: int) -> dict[str, int]:
     return {op: text.count(f"{op}(") for op in ("all-gather", "all-reduce", "collective-permute")}
 
 
-def test_small_leaves_packed(setup, default_run):
+def test_small_leaves_packed(setup, default_run, library_run):
     """The default optimizer packs the leaves that FSDP leaves replicated into one vector
     (`optim.pack_small_leaves`): the same step as AdamW leaf by leaf (up to the order of
     the norm's sums), two moment arrays for all those leaves, replicated, and no more
@@ -159,8 +165,7 @@ def test_small_leaves_packed(setup, default_run):
     unet = jax.tree.leaves(params["unet"])
     small = [a for a in unet if a.size < MIN_SIZE]
     assert 0 < len(small) < len(unet)
-    with _grad_layout(False):  # the packing alone against the plain step
-        run = _two_steps(setup)
+    run = library_run  # packed (and pinned) against the per-leaf, unpinned step
     # mu and nu: one array each for the small leaves instead of one per leaf.
     assert default_run[3] - run[3] == 2 * (len(small) - 1)
     _assert_same_step(setup, run, default_run, rtol=2e-5)
