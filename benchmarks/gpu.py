@@ -119,11 +119,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("train_step",),
         "need_s": 150.0,
     },
-    # Change 33's A/B: clipping and AdamW leaf by leaf again, the small leaves not packed
-    # (train.optim._PACK_SMALL_BELOW = 0; the default packs the 406 UNet leaves under
-    # 2^14 elements into one vector: 810 fewer moment arrays to donate, and deviceless
-    # 5367 -> 5020 kernels per step, 378 of them tiny reductions). Predicted for the
-    # default: -5 to -6.5 ms per waited-for step (host), -0.7 to -0.9 ms back to back.
     # Change 34's A/B: the conv gradients pinned before the clipping (the session-11
     # form) instead of after it (train.optim._PIN_AFTER_CLIP = False). Pinned first, the
     # clipping's norm reads the transposed gradients: deviceless, 93 more transpose
@@ -135,6 +130,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("train_step",),
         "need_s": 150.0,
     },
+    # Change 33's A/B: clipping and AdamW leaf by leaf again, the small leaves not packed
+    # (train.optim._PACK_SMALL_BELOW = 0; the default packs the 406 UNet leaves under
+    # 2^14 elements into one vector: 810 fewer moment arrays to donate, and deviceless
+    # 5367 -> 5020 kernels per step, 378 of them tiny reductions). Predicted for the
+    # default: -5 to -6.5 ms per waited-for step (host), -0.7 to -0.9 ms back to back.
     "train_unpacked_optimizer": {
         "patch": ("jaxdiff.train.optim", "_PACK_SMALL_BELOW", 0),
         "options": {"profile_files": True},
