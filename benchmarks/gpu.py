@@ -387,24 +387,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     # Every candidate at once, for when each has paid alone (run when named): the
     # sampler with cuDNN attention for heads of 160, no Triton GEMMs and both Pallas
-    # kernels, and the UNet with those kernels, the heads and its chosen layouts.
+    # kernels, and the UNet with those kernels, the heads and its chosen layouts (their
+    # patches: those of the experiments they join, set below).
     "t2i_all_candidates": {
-        "patches": (
-            *VARIANT_PATCHES_T2I_CANDIDATE,
-            ("jaxdiff.models.attention", "_GEGLU_FUSED", True),
-            ("jaxdiff.models.layers", "_GROUPNORM_PALLAS", True),
-        ),
         "items": ("t2i",),
         "need_s": 60.0,
         "default": False,
     },
     "unet_all_candidates": {
         "options": {"param_layouts": True},
-        "patches": (
-            ("jaxdiff.models.attention", "_CUDNN_MAX_HEAD", 256),
-            ("jaxdiff.models.attention", "_GEGLU_FUSED", True),
-            ("jaxdiff.models.layers", "_GROUPNORM_PALLAS", True),
-        ),
         "items": ("unet_b2", "unet_b16"),
         "need_s": 80.0,
         "default": False,
@@ -1290,10 +1281,19 @@ def variant_patches(spec: dict[str, Any]) -> list[tuple[str, str, Any]]:
     return ([spec["patch"]] if "patch" in spec else []) + list(spec.get("patches", ()))
 
 
-VARIANTS["session14_forms"]["patches"] = tuple(
-    patch
-    for name in ("no_cross_kv", "temb_side_input", "invariants_in_loop")
-    for patch in variant_patches(VARIANTS[name])
+def _joined_patches(*names: str) -> tuple[tuple[str, str, Any], ...]:
+    """The patches of the experiments ``names``, together."""
+    return tuple(patch for name in names for patch in variant_patches(VARIANTS[name]))
+
+
+VARIANTS["session14_forms"]["patches"] = _joined_patches(
+    "no_cross_kv", "temb_side_input", "invariants_in_loop"
+)
+VARIANTS["t2i_all_candidates"]["patches"] = _joined_patches(
+    "t2i_cold_candidate", "geglu_fused", "groupnorm_pallas"
+)
+VARIANTS["unet_all_candidates"]["patches"] = _joined_patches(
+    "unet_layouts_head_256", "geglu_fused", "groupnorm_pallas"
 )
 
 

@@ -118,10 +118,11 @@ def make_optimizer(
     gradients' norm (`grad_norm_metric`), then the gradients' layouts are pinned
     (`pin_layouts`) before AdamW.
     """
-    inner = [clip_by_global_norm(clip_norm or None)]
-    inner.insert(len(inner) if _PIN_AFTER_CLIP else 0, pin_layouts())
-    inner.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    train = optax.chain(*inner)
+    clip, pin = clip_by_global_norm(clip_norm or None), pin_layouts()
+    train = optax.chain(
+        *((clip, pin) if _PIN_AFTER_CLIP else (pin, clip)),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
     if _FLAT_OPTIMIZER:
         train = optax.flatten(train)
     elif min(_PACK_SMALL_BELOW, fsdp_min_size) > 0:
