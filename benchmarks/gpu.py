@@ -141,6 +141,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("train_step",),
         "need_s": 150.0,
     },
+    # The frozen VAE and CLIP params donated with the state and returned by the step,
+    # as before session 19 (train.step._DONATE_FROZEN; the default passes them as an
+    # argument the step only reads: 444 of SD 1.5's ~1700 state arrays fewer to donate
+    # and return). Predicted for the default: -2 to -2.7 ms per waited-for step (host:
+    # ~6-8 us per donated array against ~1.2-2.3 us per read one on the H200 hosts of
+    # sessions 10-11), nothing back to back.
+    "train_donate_frozen": {
+        "patch": ("jaxdiff.train.step", "_DONATE_FROZEN", True),
+        "options": {"profile_files": True},
+        "items": ("train_step",),
+        "need_s": 150.0,
+    },
     # GEGLU with jax.nn.gelu (the erfc form) instead of layers.gelu_erf: the train step
     # went 94.8 -> 104.1 ms between the session-8 and session-9 runs, with new slow
     # transpose fusions in its backward (13 ms per step); the erf GELU is one of the
@@ -924,7 +936,8 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     from jaxdiff.models.unet import UNet2DConditionModel
     from jaxdiff.pipeline import StableDiffusion, inference_param_dtype
     from jaxdiff.tokenizer import save_clip_tokenizer
-    from jaxdiff.train.step import init_state, make_train_step
+    from jaxdiff.train import step as train_step_module
+    from jaxdiff.train.step import init_state, jit_train_step, make_train_step, split_frozen
 
     info = runner.result["info"]
     info.update(jax=jax.__version__, devices=[str(d) for d in jax.devices()])
@@ -1118,7 +1131,8 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
         def build_step():
             train["state"] = init_state(params32, tx, step_cfg, jax.random.key(0))
-            train["step"] = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+            # As the training loop jits it: the frozen VAE and CLIP params not donated.
+            train["step"] = jit_train_step(make_train_step(config, step_cfg, tx), ("unet",))
             train.pop("compiled", None)
 
         def compile_with_state_layouts():
@@ -1153,12 +1167,19 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             runner.run("train_step", train_step)
         measured = "median_s" in runner.result["items"].get("train_step", {})
         if measured and not runner.options.get("train_layouts"):
-            # The host's per-step cost of the state's ~2500 arrays alone: passed
-            # through an executable that returns them (donated, as the step's).
-            ms, train["state"] = dispatch_ms(
-                lambda state: state, train["state"], keep=True, donate=True
-            )
+            # The host's per-step cost of the state's arrays alone, passed as the step
+            # takes them: through an executable that returns the donated ones (the
+            # frozen params only read, unless train_donate_frozen).
+            own, frozen = split_frozen(train["state"], ("unet",))
+            if train_step_module._DONATE_FROZEN:  # everything donated
+                own, frozen = train["state"], {}
+            ms, own = dispatch_ms(lambda own, _: own, own, frozen, keep=True, donate=True)
+            train["state"] = own.replace(params={**frozen, **own.params})
             info.setdefault("dispatch_ms", {})["train_state_donated"] = ms
+            info["dispatch_ms"]["train_state_arrays"] = [
+                len(jax.tree.leaves(own)),
+                len(jax.tree.leaves(frozen)),
+            ]
             runner.mark("dispatch_ms train_state_donated")
         runner.add(
             "train_step",

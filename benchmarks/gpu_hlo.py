@@ -315,7 +315,7 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     from jaxdiff import pipeline
     from jaxdiff.models.autoencoder import vae_decode
     from jaxdiff.models.sd import abstract_params, apply_unet
-    from jaxdiff.train.step import init_state, make_train_step
+    from jaxdiff.train.step import init_state, jit_train_step, make_train_step
 
     rep = NamedSharding(mesh, PartitionSpec())
     config = sd_config(cfg, 49408, 49406, 49407)  # CLIP's vocabulary and bos/eos ids
@@ -355,7 +355,8 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
         state = jax.eval_shape(lambda p: init_state(p, tx, step_cfg, jax.random.key(0)), params)
         rng = jax.eval_shape(lambda: jax.random.key(1))
         inputs = {"latents": arr((batch, side, side, 4), f32), "input_ids": arr((batch, 77), i32)}
-        step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+        # Jitted as the training loop (and gpu.py) jit it: the frozen params only read.
+        step = jit_train_step(make_train_step(config, step_cfg, tx), ("unet",))
         return {"step": step.lower(_abstract(state, rep), inputs, _abstract(rng, rep))}
     if item != "t2i":
         raise ValueError(f"unknown item {item!r}; expected one of {ITEMS}")

@@ -21,7 +21,7 @@ from benchmarks import gpu
 from jaxdiff import layouts, parallel
 from jaxdiff.models.sd import abstract_params
 from jaxdiff.train import optim
-from jaxdiff.train.step import init_state, make_train_step
+from jaxdiff.train.step import init_state, jit_train_step, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +41,41 @@ def setup():
 MIN_SIZE = 64
 
 
-def _two_steps(setup):
-    """(lowered text, UNet params after two steps, last loss, optimizer state leaves)."""
+def _two_steps(setup, frozen_apart=False):
+    """(lowered text, UNet params after two steps, last loss, optimizer state leaves).
+
+    ``frozen_apart``: jitted as the library does (``jit_train_step``: the frozen
+    networks' params not donated); else plain ``jax.jit`` with the whole state donated.
+    """
     config, params, batch, mesh = setup
     # The optimizer is built here, after any switch is set (make_optimizer reads it).
     tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16, MIN_SIZE)
     fresh = jax.tree.map(jnp.copy, params)  # (the step donates the state)
     state = init_state(fresh, tx, step_cfg, jax.random.key(0))
     state = jax.device_put(state, parallel.param_shardings(state, mesh, MIN_SIZE))
-    step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+    if frozen_apart:
+        step = jit_train_step(make_train_step(config, step_cfg, tx), step_cfg.trainable)
+    else:
+        step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
     text = step.lower(state, batch, jax.random.key(1)).as_text()
     for _ in range(2):
+        before = state
         state, metrics = step(state, batch, jax.random.key(1))
+    if frozen_apart:
+        # The frozen networks' arrays are the ones passed in, still alive; the rest of
+        # the state was donated.
+        for name in ("vae", "text_encoder"):
+            old, new = jax.tree.leaves(before.params[name]), jax.tree.leaves(state.params[name])
+            assert all(a is b and not a.is_deleted() for a, b in zip(old, new, strict=True))
+        assert all(a.is_deleted() for a in jax.tree.leaves(before.params["unet"]))
+        # The optimizer state too, but the norm the clipping recorded: the step never
+        # reads it, so jax prunes that argument instead of donating it.
+        kept = [
+            jax.tree_util.keystr(path)
+            for path, a in jax.tree_util.tree_leaves_with_path(before.opt_state)
+            if not a.is_deleted()
+        ]
+        assert len(kept) == 1 and kept[0].endswith(".grad_norm"), kept
     leaves = len(jax.tree.leaves(state.opt_state))
     return text, jax.device_get(state.params["unet"]), float(metrics["loss"]), leaves
 
@@ -117,6 +140,15 @@ def test_conv_gradients_pinned_to_default_layouts(setup, default_run, library_ru
     assert run[0].count("LayoutConstraint") == len(kernels) > 0
     assert "LayoutConstraint" not in default_run[0]
     _assert_same_step(setup, run, default_run, rtol=1e-6)
+
+
+def test_frozen_params_read_not_donated(setup, library_run):
+    """``jit_train_step`` (the training loop's jit): the frozen VAE and text encoder
+    are an argument the step only reads, not donated with the state nor returned;
+    the same step as the plain jit of the whole state."""
+    run = _two_steps(setup, frozen_apart=True)  # asserts the donations
+    assert run[3] == library_run[3]
+    _assert_same_step(setup, run, library_run, rtol=1e-6)
 
 
 def test_flat_optimizer(setup, default_run, monkeypatch):

@@ -6,7 +6,8 @@ encoder) against the frozen VAE (from phase 1 or ``model.pretrained``). Both
 return a :class:`Phase` that :func:`jaxdiff.train.loop.run_phase` runs: params,
 EMA and optimizer state are born sharded (``jax.jit`` with ``out_shardings``
 from ``jax.eval_shape``), and the step is jitted once with those shardings and
-the state donated.
+the state donated, but for the frozen networks' params, which the step only reads
+(:func:`jaxdiff.train.step.jit_train_step`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from jaxdiff.models.unet import init_unet
 from jaxdiff.train import optim, setup
 from jaxdiff.train.data import HostBatches, tokenize
 from jaxdiff.train.latent_cache import LatentCache, build_latent_cache
-from jaxdiff.train.step import StepConfig, TrainState, init_state, make_train_step
+from jaxdiff.train.step import (
+    StepConfig,
+    TrainState,
+    init_state,
+    jit_train_step,
+    make_train_step,
+)
 from jaxdiff.train.vae_step import VAEStepConfig, make_vae_train_step
 
 VAE, DIFFUSION = "vae", "diffusion"
@@ -128,13 +135,17 @@ def _state_shardings(abstract: TrainState, mesh: Mesh, config: Any) -> Any:
     return parallel.param_shardings(abstract, mesh, _fsdp_min_size(config))
 
 
-def _jit_step(fn: Callable, state_sh: Any, mesh: Mesh) -> Callable:
-    rep = parallel.replicated(mesh)
-    return jax.jit(
+def _jit_step(
+    fn: Callable, abstract: TrainState, state_sh: Any, mesh: Mesh, trainable: tuple[str, ...]
+) -> Callable:
+    # The state donated, the frozen networks' params only read (see jit_train_step).
+    return jit_train_step(
         fn,
-        in_shardings=(state_sh, parallel.batch_sharding(mesh), rep),
-        out_shardings=(state_sh, rep),
-        donate_argnums=0,
+        trainable,
+        abstract,
+        state_shardings=state_sh,
+        batch_sharding=parallel.batch_sharding(mesh),
+        replicated=parallel.replicated(mesh),
     )
 
 
@@ -162,7 +173,9 @@ def vae_phase(config: Any, model: setup.Model, mesh: Mesh) -> Phase:
 
     abstract = jax.eval_shape(init, key)
     state_sh = _state_shardings(abstract, mesh, config)
-    step = _jit_step(make_vae_train_step(vae_config, step_cfg, tx, schedule), state_sh, mesh)
+    step = _jit_step(
+        make_vae_train_step(vae_config, step_cfg, tx, schedule), abstract, state_sh, mesh, ("vae",)
+    )
     return Phase(
         name=VAE,
         total_steps=int(vcfg.steps),
@@ -276,7 +289,7 @@ def diffusion_phase(
                 print(f"[diffusion] latent std {std:.4g}: vae.scaling_factor = {factor}")
         on_config(final)
         if cache_latents:
-            # Before the first step: the step donates the state, VAE params included.
+            # Once, before the first step (the step reads the VAE params, never donates them).
             start = time.perf_counter()
             cache["latents"] = build_latent_cache(config, state.params["vae"], final, mesh)
             if _is_main():
@@ -287,7 +300,7 @@ def diffusion_phase(
                     flush=True,
                 )
         fn = make_train_step(final, step_cfg, tx, schedule)
-        return _jit_step(fn, state_sh, mesh)
+        return _jit_step(fn, abstract, state_sh, mesh, tuple(trainable))
 
     max_length = model.max_length
 
