@@ -290,7 +290,7 @@ class JaxdiffBench:
         from jaxdiff.models.sd import apply_unet
         from jaxdiff.pipeline import StableDiffusion
         from jaxdiff.train import optim
-        from jaxdiff.train.step import StepConfig, init_state, make_train_step
+        from jaxdiff.train.step import StepConfig, init_state, jit_train_step, make_train_step
         from jaxdiff.weights.pretrained import load_pretrained
 
         self.jax = jax
@@ -338,7 +338,8 @@ class JaxdiffBench:
         state_box = [
             jax.device_put(init_state(train_params, tx, step_cfg, jax.random.key(0)), replicated)
         ]
-        step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+        # Jitted as the training loop jits it: the state donated, the frozen params read.
+        step = jit_train_step(make_train_step(config, step_cfg, tx), step_cfg.trainable)
         batch = {
             "latents": jnp_batch(_nhwc(inputs["train_step_latents"])),
             "input_ids": jnp_batch(inputs["train_step_ids"]),

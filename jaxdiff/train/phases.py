@@ -135,14 +135,11 @@ def _state_shardings(abstract: TrainState, mesh: Mesh, config: Any) -> Any:
     return parallel.param_shardings(abstract, mesh, _fsdp_min_size(config))
 
 
-def _jit_step(
-    fn: Callable, abstract: TrainState, state_sh: Any, mesh: Mesh, trainable: tuple[str, ...]
-) -> Callable:
+def _jit_step(fn: Callable, state_sh: Any, mesh: Mesh, trainable: tuple[str, ...]) -> Callable:
     # The state donated, the frozen networks' params only read (see jit_train_step).
     return jit_train_step(
         fn,
         trainable,
-        abstract,
         state_shardings=state_sh,
         batch_sharding=parallel.batch_sharding(mesh),
         replicated=parallel.replicated(mesh),
@@ -174,7 +171,7 @@ def vae_phase(config: Any, model: setup.Model, mesh: Mesh) -> Phase:
     abstract = jax.eval_shape(init, key)
     state_sh = _state_shardings(abstract, mesh, config)
     step = _jit_step(
-        make_vae_train_step(vae_config, step_cfg, tx, schedule), abstract, state_sh, mesh, ("vae",)
+        make_vae_train_step(vae_config, step_cfg, tx, schedule), state_sh, mesh, ("vae",)
     )
     return Phase(
         name=VAE,
@@ -300,7 +297,7 @@ def diffusion_phase(
                     flush=True,
                 )
         fn = make_train_step(final, step_cfg, tx, schedule)
-        return _jit_step(fn, abstract, state_sh, mesh, tuple(trainable))
+        return _jit_step(fn, state_sh, mesh, tuple(trainable))
 
     max_length = model.max_length
 
