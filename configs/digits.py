@@ -137,6 +137,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             weight_decay=0.0,
             clip_norm=1.0,
             accumulation_steps=1,
+            mu_dtype="float32",  # AdamW's first moment; "bfloat16" halves its memory
         )
     )
     c.ema = ml_collections.ConfigDict(dict(decay=0.999, warmup=True))

@@ -191,3 +191,40 @@ def test_layouts_pinned_after_the_clipping(monkeypatch, after_clip):
     )
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(plain), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bf16_first_moment():
+    """``make_optimizer(mu_dtype=bf16)`` (config ``optimizer.mu_dtype``): every first
+    moment, the packed one included, is bf16 and every second moment fp32; the steps
+    stay those of the fp32 moments up to bf16's rounding of mu."""
+    from jaxdiff.train import phases
+
+    params = _tree()
+    labels = optim.trainable_labels(params, ("unet",))
+    sched = optax.constant_schedule(1e-2)
+    ref, ref_state = _run(optim.make_optimizer(labels, sched), params)
+    out, state = _run(optim.make_optimizer(labels, sched, mu_dtype=jnp.bfloat16), params)
+    adam, ref_adam = (
+        [s for s in jax.tree.leaves(t, is_leaf=_is_adam) if _is_adam(s)] for t in (state, ref_state)
+    )
+    assert adam and all(a.dtype == jnp.bfloat16 for s in adam for a in jax.tree.leaves(s.mu))
+    # The second moments keep the params' dtypes (fp32 but for the one bf16 leaf's).
+    nu = [a.dtype for s in adam for a in jax.tree.leaves(s.nu)]
+    assert nu == [a.dtype for s in ref_adam for a in jax.tree.leaves(s.nu)]
+    assert nu.count(jnp.float32) >= 2
+    packed = [k for s in adam for k in s.mu if k.startswith(parallel.REPLICATED_KEY)]
+    assert packed  # the small leaves' vector has a bf16 moment too
+    for a, b, p in zip(
+        jax.tree.leaves(out["unet"]), jax.tree.leaves(ref["unet"]), jax.tree.leaves(params["unet"])
+    ):
+        moved = np.max(np.abs(np.asarray(b, np.float32) - np.asarray(p, np.float32)))
+        diff = np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
+        assert moved > 0 and diff <= 0.02 * moved, (diff, moved)
+    assert phases._mu_dtype({"mu_dtype": "bfloat16"}) == jnp.bfloat16
+    assert phases._mu_dtype({}) is None  # the fp32 params' own dtype
+    with pytest.raises(ValueError, match="mu_dtype"):
+        phases._mu_dtype({"mu_dtype": "float16"})
+
+
+def _is_adam(node) -> bool:
+    return isinstance(node, optax.ScaleByAdamState)

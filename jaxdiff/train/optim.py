@@ -107,8 +107,13 @@ def make_optimizer(
     clip_norm: float | None = 1.0,
     accumulation_steps: int = 1,
     fsdp_min_size: int = parallel.DEFAULT_MIN_FSDP_SIZE,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """AdamW with global-norm clipping on the ``"train"`` leaves, zero updates elsewhere.
+
+    ``mu_dtype``: the dtype of AdamW's first moment (None: the params'). ``bfloat16``
+    halves its memory (SD 1.5's UNet: 3.4 -> 1.7 GB) and its share of the update's
+    memory traffic; the second moment stays fp32 (its range needs it).
 
     With ``accumulation_steps > 1`` it is wrapped in ``optax.MultiSteps``:
     gradients are averaged over that many calls and the params move on the last.
@@ -121,7 +126,9 @@ def make_optimizer(
     clip, pin = clip_by_global_norm(clip_norm or None), pin_layouts()
     train = optax.chain(
         *((clip, pin) if _PIN_AFTER_CLIP else (pin, clip)),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        optax.adamw(
+            schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype
+        ),
     )
     if _FLAT_OPTIMIZER:
         train = optax.flatten(train)

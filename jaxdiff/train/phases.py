@@ -123,8 +123,18 @@ def _make_tx(
         clip_norm=clip,
         accumulation_steps=accumulation,
         fsdp_min_size=fsdp_min_size,
+        mu_dtype=_mu_dtype(opt),
     )
     return tx, schedule
+
+
+def _mu_dtype(opt: Any) -> Any:
+    """``optimizer.mu_dtype``: "float32" (or absent: the fp32 params' own dtype, None)
+    or "bfloat16"."""
+    name = str(opt.get("mu_dtype", "float32"))
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"optimizer.mu_dtype={name!r}: expected 'float32' or 'bfloat16'")
+    return None if name == "float32" else jnp.bfloat16
 
 
 def _fsdp_min_size(config: Any) -> int:
