@@ -397,10 +397,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b16", "vae_decode", "t2i"),
         "need_s": 80.0,
     },
+    # The 1x1 convolutions as dots, cuBLAS GEMMs instead of cuDNN convolutions
+    # (layers._GPU_1X1_DOT): SD 1.5's UNet has 46 (proj_in, proj_out, conv_shortcut).
+    # XLA transposes each of their kernels at every UNet call for cuDNN (a dot reads
+    # them as they are; the sampler's loop has them transposed once, outside), and each
+    # cuDNN convolution launches outside XLA's CUDA graphs. Deviceless (H200): UNet b2
+    # 934 -> 900 kernels per call, b16 915 -> 882 (+0.07 ms of traffic: the up-blocks'
+    # 12 input/skip concatenations become kernels of their own); the sampler's loop
+    # 752 -> 764 kernels per step, so not for the sampler. For the batch-2 call goal,
+    # where each kernel costs ~11 us of a call: predicted -0.2 to -0.4 ms per call.
+    "conv1x1_dot": {
+        "patch": ("jaxdiff.models.layers", "_GPU_1X1_DOT", True),
+        "items": ("unet_b2", "unet_b16"),
+        "need_s": 70.0,
+    },
     # Every candidate at once, for when each has paid alone (run when named): the
     # sampler with cuDNN attention for heads of 160, no Triton GEMMs and both Pallas
-    # kernels, and the UNet with those kernels, the heads and its chosen layouts (their
-    # patches: those of the experiments they join, set below).
+    # kernels, and the UNet with those kernels, the heads, the 1x1 convolutions as dots
+    # and its chosen layouts (their patches: those of the experiments they join, below).
     "t2i_all_candidates": {
         "items": ("t2i",),
         "need_s": 60.0,
@@ -1314,7 +1328,7 @@ VARIANTS["t2i_all_candidates"]["patches"] = _joined_patches(
     "t2i_cold_candidate", "geglu_fused", "groupnorm_pallas"
 )
 VARIANTS["unet_all_candidates"]["patches"] = _joined_patches(
-    "unet_layouts_head_256", "geglu_fused", "groupnorm_pallas"
+    "unet_layouts_head_256", "geglu_fused", "groupnorm_pallas", "conv1x1_dot"
 )
 
 

@@ -604,6 +604,44 @@ def test_conv_general_dilated_matches_lax(shape, size, strides, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
 
 
+def test_gpu_1x1_convs_as_dots(monkeypatch):
+    """``layers._GPU_1X1_DOT``: on a GPU backend a stride-1 1x1 conv becomes one dot
+    (values and gradients of lax's conv) only when switched on; 3x3 convs and strided
+    1x1 ones stay convolutions; other backends are untouched."""
+    import jaxdiff.models.layers as layers
+
+    kx, kk = jax.random.split(jax.random.PRNGKey(4))
+    x = jax.random.normal(kx, (2, 5, 3, 6))
+    k1 = jax.random.normal(kk, (1, 1, 6, 5)) * 0.3
+    k3 = jax.random.normal(kk, (3, 3, 6, 5)) * 0.3
+    dn = jax.lax.conv_dimension_numbers(x.shape, k1.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def prims(kernel, strides=(1, 1), pad="SAME"):
+        conv = lambda x, k: conv_general_dilated(x, k, strides, pad, dimension_numbers=dn)  # noqa: E731
+        return str(jax.make_jaxpr(conv)(x, kernel))
+
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    assert "conv_general_dilated" in prims(k1)  # off by default
+    monkeypatch.setattr(layers, "_GPU_1X1_DOT", True)
+    assert "conv_general_dilated" not in prims(k1) and "dot_general" in prims(k1)
+    assert "conv_general_dilated" in prims(k3)
+    assert "conv_general_dilated" in prims(k1, (2, 2), "VALID")
+
+    def loss(conv):
+        def f(x, k):
+            y = conv(x, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn)
+            return jnp.sum(jnp.sin(y)), y
+
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    (_, y), grads = loss(conv_general_dilated)(x, k1)
+    (_, y_ref), grads_ref = loss(jax.lax.conv_general_dilated)(x, k1)
+    for a, b in zip((y, *grads), (y_ref, *grads_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "tpu")
+    assert "conv_general_dilated" in prims(k1)
+
+
 def test_eigen_form_of_3x3_convs(monkeypatch):
     """The rule's shapes, its wiring (one CPU device only), values and both gradients."""
     import jaxdiff.models.layers as layers

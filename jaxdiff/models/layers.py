@@ -110,12 +110,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
 
     These apply on the CPU backend to an NHWC/HWIO conv (what ``nn.Conv`` emits)
     without dilation or groups; everything else goes to ``lax.conv_general_dilated``.
+    With ``_GPU_1X1_DOT`` the 1x1 convolutions are dots on a GPU too (see there).
     """
     kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
     if isinstance(padding, str) and (kh, kw) == (1, 1) and tuple(window_strides) == (1, 1):
         padding = ((0, 0), (0, 0))  # SAME and VALID agree for a 1x1 stride-1 kernel
+    backend = jax.default_backend()
     simple = (
-        jax.default_backend() == "cpu"
+        backend in ("cpu", "gpu")
         and lhs.ndim == 4
         and not isinstance(padding, str)
         and all(d in (None, 1) for d in kwargs.get("lhs_dilation") or (1,))
@@ -129,9 +131,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
         sh, sw = window_strides
         precision = kwargs.get("precision")
         b = lhs.shape[0]
-        if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any((pt, pb, pl, pr)):
+        pointwise = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any((pt, pb, pl, pr))
+        if pointwise and (backend == "cpu" or _GPU_1X1_DOT):
             out = jnp.dot(lhs.reshape(-1, c), rhs.reshape(c, o), precision=precision)
             return out.reshape(*lhs.shape[:3], o)
+        if backend != "cpu":
+            return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
         ho = (lhs.shape[1] + pt + pb - kh) // sh + 1
         wo = (lhs.shape[2] + pl + pr - kw) // sw + 1
         if min(ho, wo) < max(kh, kw):
@@ -171,6 +176,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
 # every core already runs a YNNPACK kernel and the rule measured no faster
 # (text-to-image 3.18 vs 3.22 s). False turns it off.
 _CPU_EIGEN_CONV = True
+
+# GPU: the 1x1 convolutions (the transformers' proj_in / proj_out, the resnets'
+# conv_shortcut; 46 in SD 1.5's UNet) as [B*H*W, C] x [C, O] dots, cuBLAS GEMMs instead
+# of cuDNN convolutions. cuDNN's NHWC convolution reads its kernel as [O, H, W, I], so
+# XLA transposes each of these kernels at every call (a dot reads [C, O] as it is),
+# and each cuDNN convolution is launched outside XLA's CUDA graphs, which take cuBLAS
+# GEMMs. Off until a GPU has timed it (experiment ``conv1x1_dot``, session 19).
+_GPU_1X1_DOT = False
 
 
 def _eigen_conv_is_faster(lhs_shape: tuple[int, ...], out_channels: int) -> bool:
