@@ -126,9 +126,7 @@ def make_optimizer(
     clip, pin = clip_by_global_norm(clip_norm or None), pin_layouts()
     train = optax.chain(
         *((clip, pin) if _PIN_AFTER_CLIP else (pin, clip)),
-        optax.adamw(
-            schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype
-        ),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype),
     )
     if _FLAT_OPTIMIZER:
         train = optax.flatten(train)
