@@ -85,6 +85,20 @@ VARIANT_PATCHES_T2I_CANDIDATE = (
         {"gpu": {"xla_gpu_enable_triton_gemm": False}},
     ),
 )
+
+
+def _train_switch(module: str, switch: str, value: Any, **more: Any) -> dict[str, Any]:
+    """An experiment on the train step alone: one module switch set, the profile's
+    files kept, ~150 s of the call (the step's compile is ~100 s on an H200)."""
+    return {
+        "patch": (module, switch, value),
+        "options": {"profile_files": True},
+        "items": ("train_step",),
+        "need_s": 150.0,
+        **more,
+    }
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
     # Measured results (H200, sessions 8 to 11) are in benchmarks/NOTES.md.
     #
@@ -96,13 +110,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # gradients did not change that (101.5 vs 106.1 ms; the layout went through it).
     # Predicted: ~-14 ms per step. Session 11 (H200): 106.5 -> 88.5 ms per step (n=1):
     # now the default on CPU and GPU; this forces it on (e.g. under a patched default).
-    "train_grad_layout": {
-        "patch": ("jaxdiff.train.optim", "_GRAD_LAYOUT", True),
-        "options": {"profile_files": True},
-        "items": ("train_step",),
-        "need_s": 150.0,
-        "default": False,
-    },
+    "train_grad_layout": _train_switch("jaxdiff.train.optim", "_GRAD_LAYOUT", True, default=False),
     # Clipping and AdamW over one flat vector of the UNet's parameters (optax.flatten;
     # switch train.optim._FLAT_OPTIMIZER): the other way out of the same 16 ms (the
     # concatenation writes each gradient in its parameter's layout), and ~1200 small
@@ -113,46 +121,26 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the train step's compile 108 -> 51 s. Now on top of the gradient layouts.
     # Under FSDP it multiplies the collectives (tests mesh 2 x 4: 144 -> 488 all-gathers,
     # 33 -> 650 collective-permutes): a single-device option at most.
-    "train_flat_optimizer": {
-        "patch": ("jaxdiff.train.optim", "_FLAT_OPTIMIZER", True),
-        "options": {"profile_files": True},
-        "items": ("train_step",),
-        "need_s": 150.0,
-    },
+    "train_flat_optimizer": _train_switch("jaxdiff.train.optim", "_FLAT_OPTIMIZER", True),
     # Change 34's A/B: the conv gradients pinned before the clipping (the session-11
     # form) instead of after it (train.optim._PIN_AFTER_CLIP = False). Pinned first, the
     # clipping's norm reads the transposed gradients: deviceless, 93 more transpose
     # kernels per step and +1.7 ms of traffic. Predicted for the default: -1.5 to -2.5 ms
     # per step.
-    "train_pin_before_clip": {
-        "patch": ("jaxdiff.train.optim", "_PIN_AFTER_CLIP", False),
-        "options": {"profile_files": True},
-        "items": ("train_step",),
-        "need_s": 150.0,
-    },
+    "train_pin_before_clip": _train_switch("jaxdiff.train.optim", "_PIN_AFTER_CLIP", False),
     # Change 33's A/B: clipping and AdamW leaf by leaf again, the small leaves not packed
     # (train.optim._PACK_SMALL_BELOW = 0; the default packs the 406 UNet leaves under
     # 2^14 elements into one vector: 810 fewer moment arrays to donate, and deviceless
     # 5367 -> 5020 kernels per step, 378 of them tiny reductions). Predicted for the
     # default: -5 to -6.5 ms per waited-for step (host), -0.7 to -0.9 ms back to back.
-    "train_unpacked_optimizer": {
-        "patch": ("jaxdiff.train.optim", "_PACK_SMALL_BELOW", 0),
-        "options": {"profile_files": True},
-        "items": ("train_step",),
-        "need_s": 150.0,
-    },
+    "train_unpacked_optimizer": _train_switch("jaxdiff.train.optim", "_PACK_SMALL_BELOW", 0),
     # The frozen VAE and CLIP params donated with the state and returned by the step,
     # as before session 19 (train.step._DONATE_FROZEN; the default passes them as an
-    # argument the step only reads: 444 of SD 1.5's ~1700 state arrays fewer to donate
+    # argument the step only reads: 444 of SD 1.5's 1697 state arrays fewer to donate
     # and return). Predicted for the default: -2 to -2.7 ms per waited-for step (host:
     # ~6-8 us per donated array against ~1.2-2.3 us per read one on the H200 hosts of
     # sessions 10-11), nothing back to back.
-    "train_donate_frozen": {
-        "patch": ("jaxdiff.train.step", "_DONATE_FROZEN", True),
-        "options": {"profile_files": True},
-        "items": ("train_step",),
-        "need_s": 150.0,
-    },
+    "train_donate_frozen": _train_switch("jaxdiff.train.step", "_DONATE_FROZEN", True),
     # GEGLU with jax.nn.gelu (the erfc form) instead of layers.gelu_erf: the train step
     # went 94.8 -> 104.1 ms between the session-8 and session-9 runs, with new slow
     # transpose fusions in its backward (13 ms per step); the erf GELU is one of the
@@ -1184,9 +1172,10 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             # The host's per-step cost of the state's arrays alone, passed as the step
             # takes them: through an executable that returns the donated ones (the
             # frozen params only read, unless train_donate_frozen).
-            own, frozen = split_frozen(train["state"], ("unet",))
             if train_step_module._DONATE_FROZEN:  # everything donated
                 own, frozen = train["state"], {}
+            else:
+                own, frozen = split_frozen(train["state"], ("unet",))
             ms, own = dispatch_ms(lambda own, _: own, own, frozen, keep=True, donate=True)
             train["state"] = own.replace(params={**frozen, **own.params})
             info.setdefault("dispatch_ms", {})["train_state_donated"] = ms

@@ -195,7 +195,8 @@ def test_layouts_pinned_after_the_clipping(monkeypatch, after_clip):
 
 def test_bf16_first_moment():
     """``make_optimizer(mu_dtype=bf16)`` (config ``optimizer.mu_dtype``): every first
-    moment, the packed one included, is bf16 and every second moment fp32; the steps
+    moment, the packed one included, is bf16 and every second moment keeps its
+    param's dtype; the steps
     stay those of the fp32 moments up to bf16's rounding of mu."""
     from jaxdiff.train import phases
 

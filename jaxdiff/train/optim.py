@@ -113,7 +113,8 @@ def make_optimizer(
 
     ``mu_dtype``: the dtype of AdamW's first moment (None: the params'). ``bfloat16``
     halves its memory (SD 1.5's UNet: 3.4 -> 1.7 GB) and its share of the update's
-    memory traffic; the second moment stays fp32 (its range needs it).
+    memory traffic; the second moment keeps the params' dtype (fp32 master weights:
+    its range needs it).
 
     With ``accumulation_steps > 1`` it is wrapped in ``optax.MultiSteps``:
     gradients are averaged over that many calls and the params move on the last.
