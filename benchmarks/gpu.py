@@ -399,6 +399,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b2", "unet_b16"),
         "need_s": 70.0,
     },
+    # The UNet items with the plain params, as before change 37: XLA joins the
+    # self-attentions' q/k/v kernels, the cross-attentions' k/v kernels and the 22
+    # resnets' time-embedding kernels in every call (18 concatenations, the largest
+    # 52 MB), slices the merged products apart, and the call passes 686 parameter
+    # arrays instead of 581. Deviceless (H200), this -> the default: UNet b2 934 -> 857
+    # kernels per call, 1.20 -> 1.13 ms of non-library traffic (714 -> 635 kernels with
+    # every candidate); b16 915 -> 862 kernels, 3.68 -> 3.62 ms. Predicted for the
+    # default: b2 -0.4 to -0.7 ms per call (kernels, traffic and host time), b16 -0.2
+    # to -0.4 ms.
+    "unet_unfused": {
+        "options": {"fused_projections": False},
+        "items": ("unet_b2", "unet_b16"),
+        "need_s": 70.0,
+    },
     # Every candidate at once, for when each has paid alone (run when named): the
     # sampler with cuDNN attention for heads of 160, no Triton GEMMs and both Pallas
     # kernels, and the UNet with those kernels, the heads, the 1x1 convolutions as dots
@@ -935,7 +949,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     from jaxdiff.models.attention import ENV_ATTENTION
     from jaxdiff.models.autoencoder import vae_decode
     from jaxdiff.models.sd import abstract_params, apply_unet
-    from jaxdiff.models.unet import UNet2DConditionModel
+    from jaxdiff.models.unet import UNet2DConditionModel, fuse_projections
     from jaxdiff.pipeline import StableDiffusion, inference_param_dtype
     from jaxdiff.tokenizer import save_clip_tokenizer
     from jaxdiff.train import step as train_step_module
@@ -971,8 +985,19 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     info["attention"] = os.environ.get(ENV_ATTENTION, "auto")
 
-    def unet_apply(p, x, t, ctx):
-        return apply_unet(p, x, t, ctx, config, bf16)
+    # The UNet's weights as a program calling it many times keeps them: the projections
+    # XLA would join in every call joined once (fuse_projections, change 37), unless the
+    # "fused_projections" option says otherwise (the experiment unet_unfused).
+    if runner.options.get("fused_projections", True):
+        unet_weights = jax.jit(fuse_projections, static_argnums=1)(params16["unet"], config.unet)
+        info["unet_weights"] = "fused projections"
+    else:
+        unet_weights = (params16["unet"], None)
+        info["unet_weights"] = "plain"
+
+    def unet_apply(w, x, t, ctx):
+        p, merged = w
+        return apply_unet(p, x, t, ctx, config, bf16, merged=merged)
 
     # The attention kernel is picked (from JAXDIFF_ATTENTION) when this is traced.
     unet_fn = jax.jit(unet_apply)
@@ -985,7 +1010,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     )
     info["param_layouts"] = "chosen" if use_layouts else "default"
     unet_layouts = layouts.LayoutCache(0, lambda e: info.update(param_layouts_error=e[:1000]))
-    held = {"unet": params16["unet"]}
+    held = {"unet": unet_weights}
 
     def unet_call(x, t, ctx):
         if use_layouts:  # (None once compiling with chosen layouts has failed)
@@ -993,13 +1018,13 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             if done is not None:
                 out, (held["unet"], *_) = done
                 return out
-        return unet_fn(params16["unet"], x, t, ctx)
+        return unet_fn(unet_weights, x, t, ctx)
 
     def unet_compiled(x, t, ctx):
         # After the timed calls, so the first call's time still includes the compile
         # (lower().compile() shares the jit's executable cache).
         laid = unet_layouts.executable(x.shape) if use_layouts else None
-        return laid or unet_fn.lower(params16["unet"], x, t, ctx).compile()
+        return laid or unet_fn.lower(unet_weights, x, t, ctx).compile()
 
     def model_flops(fn, *args) -> float:
         """Matmul/conv FLOPs of ``fn(*args)`` from its jaxpr, attention traced as XLA's
@@ -1077,7 +1102,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
             runner.run(item, functools.partial(unet_call, *args))
         runner.add(
             item,
-            flop=lambda args=args: model_flops(unet_apply, params16["unet"], *args),
+            flop=lambda args=args: model_flops(unet_apply, unet_weights, *args),
             cudnn_attention_calls=lambda args=args: (
                 unet_compiled(*args).as_text().count("__cudnn$fmha")
             ),
@@ -1092,6 +1117,8 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     info.setdefault("dispatch_ms", {}).update(
         unet_params_pruned=dispatch_ms(lambda p, x: x + 1, params16["unet"], x)[0],
         unet_params_kept=dispatch_ms(lambda p, x: x + 1, params16["unet"], x, keep=True)[0],
+        # What the UNet items pass (fused projections: 105 arrays fewer at SD 1.5).
+        unet_weights_kept=dispatch_ms(lambda w, x: x + 1, unet_weights, x, keep=True)[0],
         no_params=dispatch_ms(lambda x: x + 1, x)[0],
     )
     runner.mark("dispatch_ms unet_params")

@@ -84,6 +84,7 @@ ITEMS = ("unet_b2", "unet_b16", "vae_decode", "t2i", "train_step")
 # gpu.py worker options (a variant's "options") that shape the programs here too;
 # the timing ones change no program.
 _MODELLED_OPTIONS = {
+    "fused_projections",
     "split_programs",
     "compiler_options",
     "progress",
@@ -315,6 +316,7 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     from jaxdiff import pipeline
     from jaxdiff.models.autoencoder import vae_decode
     from jaxdiff.models.sd import abstract_params, apply_unet
+    from jaxdiff.models.unet import fuse_projections
     from jaxdiff.train.step import init_state, jit_train_step, make_train_step
 
     rep = NamedSharding(mesh, PartitionSpec())
@@ -333,9 +335,14 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     )
 
     if item.startswith("unet"):
+        # As gpu.py's UNet items: the projections joined once (fuse_projections).
+        weights = (params16["unet"], None)
+        if options.get("fused_projections", True):
+            fused = jax.eval_shape(lambda p: fuse_projections(p, config.unet), params16["unet"])
+            weights = jax.tree.map(lambda s: arr(s.shape, s.dtype), fused)
 
-        def unet(p, x, t, ctx):
-            return apply_unet(p, x, t, ctx, config, bf16)
+        def unet(w, x, t, ctx):
+            return apply_unet(w[0], x, t, ctx, config, bf16, merged=w[1])
 
         ctx_dim = cfg["unet"]["cross_attention_dim"]
         args = (
@@ -343,7 +350,7 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
             arr((batch,), i32),
             arr((batch, 77, ctx_dim), f32),
         )
-        return {"unet": jax.jit(unet).lower(params16["unet"], *args)}
+        return {"unet": jax.jit(unet).lower(weights, *args)}
     if item == "vae_decode":
 
         def decode(p, z):

@@ -142,7 +142,10 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert rows["back to back unet_b2"][1] != "-"
     # The host's per-call cost of the UNet's parameters as arguments.
     dispatch = report["results"]["jaxdiff"]["info"]["dispatch_ms"]
-    assert set(dispatch) == {"unet_params_pruned", "unet_params_kept", "no_params"}
+    kinds = {"unet_params_pruned", "unet_params_kept", "unet_weights_kept", "no_params"}
+    assert set(dispatch) == kinds
+    # The UNet items call it with its projections joined once (fuse_projections).
+    assert report["results"]["jaxdiff"]["info"]["unet_weights"] == "fused projections"
     assert all(v > 0 for v in dispatch.values())
     # Where the worker's time went, stage by stage, in order.
     timeline = report["results"]["jaxdiff"]["info"]["timeline"]

@@ -22,6 +22,7 @@ from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D  # noqa:
 from diffusers.models.upsampling import Upsample2D as TorchUpsample2D  # noqa: E402
 
 from jaxdiff.models import attention as attention_mod  # noqa: E402
+from jaxdiff.models import unet as unet_mod  # noqa: E402
 from jaxdiff.models.attention import (  # noqa: E402
     CROSS_KV,
     MERGED,
@@ -36,9 +37,11 @@ from jaxdiff.models.layers import (  # noqa: E402
     conv_general_dilated,
     timestep_embedding,
 )
+from jaxdiff.models.sd import apply_unet  # noqa: E402
 from jaxdiff.models.unet import (  # noqa: E402
     UNet2DConditionModel,
     UNetConfig,
+    fuse_projections,
     init_unet,
     merged_weights,
     unet_abstract_params,
@@ -330,6 +333,99 @@ def test_merged_weights_match_diffusers(name, k, torch_unets, monkeypatch):
     )
     with pytest.raises(ValueError, match="attn1: merged q/k/v kernel"):
         with_merged(bad, xh)
+
+
+@pytest.mark.parametrize("name, k", [("sd2", 1), ("sd1", 2)])
+def test_fused_projections_match_diffusers(name, k, torch_unets, monkeypatch):
+    # fuse_projections: the params without the projections the merged weights replace
+    # (q/k/v, the cross-attentions' k/v as one product of the context, the resnets'
+    # time embeddings) give the reference's output through apply_unet, with fewer
+    # arrays and matmuls, also where a self-attention is too large to merge.
+    tm = torch_unets[name]
+    cfg, params, x, t, ctx, ref = _precomputed_case(tm, name, k, 13)
+    fused, merged = jax.jit(fuse_projections, static_argnums=1)(params, cfg)
+    names = [m for m, _ in tm.named_modules()]
+    n_self, n_cross = (sum(m.endswith(a) for m in names) for a in (".attn1", ".attn2"))
+    n_resnets = sum(m.endswith(".time_emb_proj") for m in names)
+    assert n_self > 0 and n_cross > 1 and n_resnets > 1
+
+    def paths(tree):
+        return [jax.tree_util.keystr(q) for q, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+    gone = sorted(set(paths(params)) - set(paths(fused)))
+    assert set(paths(fused)) < set(paths(params))
+    kernels = [g for g in gone if g.endswith("['kernel']")]
+    assert len(kernels) == 3 * n_self + 2 * n_cross + n_resnets
+    assert all(
+        any(
+            f"['{a}']['{b}']" in g
+            for a, b in [
+                ("attn1", "to_q"),
+                ("attn1", "to_k"),
+                ("attn1", "to_v"),
+                ("attn2", "to_k"),
+                ("attn2", "to_v"),
+            ]
+        )
+        or "['time_emb_proj']" in g
+        for g in gone
+    )
+    width = sum(
+        m.to_k.out_features + m.to_v.out_features
+        for n, m in tm.named_modules()
+        if n.endswith(".attn2")
+    )
+    assert merged["cross_kv"]["kernel"].shape == (cfg.cross_attention_dim, width)
+
+    sd = type("SD", (), {"unet": cfg})
+    xh = x.transpose(0, 2, 3, 1)
+    plain = lambda p, m, x: apply_unet(p, x, t, ctx, sd)  # noqa: E731
+    given = lambda p, m, x: apply_unet(p, x, t, ctx, sd, merged=m)  # noqa: E731
+    # Dicts in another key order (as tree functions rebuild them) split the joined
+    # keys and values the same way.
+    backwards = _reverse_keys(fused)
+    want = np.asarray(jax.jit(plain)(params, None, xh)).transpose(0, 3, 1, 2)
+    for tree in (fused, backwards):
+        out = np.asarray(jax.jit(given)(tree, merged, xh)).transpose(0, 3, 1, 2)
+        diff = float(np.max(np.abs(out - ref)))
+        print(f"\n[{name} fused projections] max|diff| = {diff:.3g}")
+        assert diff <= TOL
+        np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)
+    n_dots = _dots(plain, params, None, xh)
+    fewer = 2 * n_self + (n_resnets - 1) + (2 * n_cross - 1)
+    assert _dots(given, fused, merged, xh) == n_dots - fewer
+    # Too large to merge: three products of the joined kernel's columns.
+    monkeypatch.setattr(attention_mod, "_MERGED_QKV_MAX_BYTES", 0)
+    out = jax.jit(lambda *a: given(*a))(fused, merged, xh)  # (traced afresh)
+    out = np.asarray(out).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)
+    assert _dots(given, fused, merged, xh) == n_dots - fewer + 2 * n_self
+    monkeypatch.undo()
+
+    # The full-resolution resnets' time-embedding offsets held apart (from a size on):
+    # an optimization barrier in the program, the same numbers.
+    def barriers():
+        return str(jax.make_jaxpr(lambda *a: given(*a))(fused, merged, xh)).count(
+            "optimization_barrier"
+        )
+
+    n_barriers = barriers()
+    monkeypatch.setattr(unet_mod, "_TEMB_APART_POSITIONS", 1)
+    assert barriers() == n_barriers + 1
+    out = jax.jit(lambda *a: given(*a))(fused, merged, xh)
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), want, rtol=0, atol=1e-5)
+    monkeypatch.undo()
+
+    # A joined cross-attention kernel that does not fit is refused by name.
+    bad = dict(merged, cross_kv={"kernel": merged["cross_kv"]["kernel"][:, :-2]})
+    with pytest.raises(ValueError, match="cross_attention_kv: joined kernel"):
+        given(fused, bad, xh)
+
+
+def _reverse_keys(tree):
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _reverse_keys(tree[k]) for k in reversed(list(tree))}
 
 
 def test_bf16_compute_tracks_fp32_reference(torch_unets):

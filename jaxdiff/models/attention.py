@@ -41,6 +41,11 @@ given as the ``"merged"`` variable collection (:data:`MERGED`), each ``attn1``
 computes ``[q, k, v]`` with one ``nn.Dense`` of the joined kernel (the same
 products; ``to_q``/``to_k``/``to_v`` interceptors are then not called), where the
 products are small enough that XLA would merge them too (``_MERGED_QKV_MAX_BYTES``).
+Where they are not, it takes its three kernels' columns from the joined one when
+its params have no ``to_q``/``to_k``/``to_v`` (see
+:func:`jaxdiff.models.unet.fuse_projections`). Every cross-attention's ``to_k``/``to_v``
+kernels can be joined too (:func:`joined_cross_kv_weights`): one product of the
+context then gives all their keys and values (``cross_attention_kv(..., joined=)``).
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ __all__ = [
     "CROSS_KV",
     "MERGED",
     "cross_attention_kv",
+    "joined_cross_kv_weights",
     "merged_self_attention_weights",
     "dot_product_attention",
     "Attention",
@@ -418,8 +424,15 @@ class Attention(nn.Module):
         x = x.astype(self.dtype)
         ctx = x if context is None else context.astype(self.dtype)
         b, t, c = x.shape
-        if context is None and self.has_variable(MERGED, "qkv_kernel") and self._merge(x):
-            # The three projections as one product (see merged_self_attention_weights).
+        # The three projections as one product (see merged_self_attention_weights);
+        # too large to merge, three products of the joined kernel's columns when the
+        # params have no separate kernels (fuse_projections).
+        merge = self._merge(x)
+        if (
+            context is None
+            and self.has_variable(MERGED, "qkv_kernel")
+            and (merge or not self.has_variable("params", "to_q"))
+        ):
             joined = {"kernel": self.get_variable(MERGED, "qkv_kernel")}
             if self.qkv_bias:
                 joined["bias"] = self.get_variable(MERGED, "qkv_bias")
@@ -428,7 +441,13 @@ class Attention(nn.Module):
                     f"{self.name}: merged q/k/v kernel {joined['kernel'].shape} does not fit "
                     f"{c} input and {inner} inner channels"
                 )
-            q, k, v = jnp.split(dense(joined, x, self.dtype), 3, axis=-1)
+            if merge:
+                q, k, v = jnp.split(dense(joined, x, self.dtype), 3, axis=-1)
+            else:
+                cols = {name: jnp.split(w, 3, axis=-1) for name, w in joined.items()}
+                q, k, v = [
+                    dense({name: w[i] for name, w in cols.items()}, x, self.dtype) for i in range(3)
+                ]
             return self._attend_and_project(q, k, v, b, t, c)
         q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
         if context is not None and self.has_variable(CROSS_KV, "k"):
@@ -459,7 +478,12 @@ class Attention(nn.Module):
         return to_out(out.reshape(b, t, self.heads * self.dim_head))
 
 
-def cross_attention_kv(params: Mapping, context: jax.Array, dtype: Dtype = jnp.float32) -> dict:
+def cross_attention_kv(
+    params: Mapping,
+    context: jax.Array,
+    dtype: Dtype = jnp.float32,
+    joined: Mapping | None = None,
+) -> dict:
     """Every cross-attention's keys and values for ``context``, computed once.
 
     Args:
@@ -467,6 +491,9 @@ def cross_attention_kv(params: Mapping, context: jax.Array, dtype: Dtype = jnp.f
         subtree named ``attn2`` is a cross-attention (see :class:`BasicTransformerBlock`).
       context: [B, S, D], as the network would get it.
       dtype: the network's compute dtype.
+      joined: :func:`joined_cross_kv_weights` of the same params: all the keys and
+        values as one product, split per attention (then ``params`` need no
+        ``to_k``/``to_v``).
 
     Returns:
       A tree like ``params`` with ``{"k", "v"}`` [B, S, inner] in place of each
@@ -474,11 +501,63 @@ def cross_attention_kv(params: Mapping, context: jax.Array, dtype: Dtype = jnp.f
       ``to_k``/``to_v`` products the modules would compute.
     """
     ctx = context.astype(dtype)
-    return _per_attention(
-        params,
-        "attn2",
-        lambda p: {"k": dense(p["to_k"], ctx, dtype), "v": dense(p["to_v"], ctx, dtype)},
-    )
+    if joined is None:
+        return _per_attention(
+            params,
+            "attn2",
+            lambda p: {"k": dense(p["to_k"], ctx, dtype), "v": dense(p["to_v"], ctx, dtype)},
+        )
+    attentions = _cross_attentions(params)
+    width = 2 * sum(inner for _, inner, _ in attentions)
+    if joined["kernel"].shape != (ctx.shape[-1], width):
+        raise ValueError(
+            f"cross_attention_kv: joined kernel {joined['kernel'].shape} does not fit "
+            f"{ctx.shape[-1]} context channels and these params' cross-attentions "
+            f"({width} key and value channels)"
+        )
+    out = dense(joined, ctx, dtype)
+    tree: dict = {}
+    start = 0
+    for path, inner, _ in attentions:  # the order joined_cross_kv_weights used
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = {
+            "k": out[..., start : start + inner],
+            "v": out[..., start + inner : start + 2 * inner],
+        }
+        start += 2 * inner
+    return tree
+
+
+def joined_cross_kv_weights(params: Mapping) -> dict:
+    """Every cross-attention's ``to_k`` and ``to_v`` params as one ``{"kernel"}`` [D,
+    2 x (sum of their inner widths)] (and ``"bias"``), for
+    ``cross_attention_kv(..., joined=)``: each attention's keys, then its values, in
+    the order of the attentions' paths."""
+    parts = [p[name] for _, _, p in _cross_attentions(params) for name in ("to_k", "to_v")]
+    out = {"kernel": jnp.concatenate([q["kernel"] for q in parts], axis=-1)}
+    if "bias" in parts[0]:
+        out["bias"] = jnp.concatenate([q["bias"] for q in parts], axis=-1)
+    return out
+
+
+def _cross_attentions(params: Mapping) -> list[tuple[tuple[str, ...], int, Mapping]]:
+    # (path, inner width, params) of every attn2 subtree, ordered by path (sorted, so
+    # that dicts rebuilt by tree functions, whose keys come back sorted, give one
+    # order). The width is to_q's: keys and values have the query's inner width.
+    found = []
+
+    def walk(tree: Mapping, path: tuple[str, ...]) -> None:
+        for name, sub in tree.items():
+            if isinstance(sub, Mapping):
+                if name == "attn2":
+                    found.append(((*path, name), sub["to_q"]["kernel"].shape[-1], sub))
+                else:
+                    walk(sub, (*path, name))
+
+    walk(params, ())
+    return sorted(found, key=lambda f: f[0])
 
 
 def merged_self_attention_weights(params: Mapping) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.attention import CROSS_KV, MERGED
+from jaxdiff.models.attention import CROSS_KV, MERGED, cross_attention_kv
 from jaxdiff.models.autoencoder import (
     AutoencoderConfig,
     abstract_autoencoder_params,
@@ -109,7 +109,10 @@ def apply_unet(
     and values of this ``context`` from
     :func:`jaxdiff.models.attention.cross_attention_kv`, computed once for
     many calls (a sampler's steps) instead of in each. ``merged``: the UNet's joined
-    weights from :func:`jaxdiff.models.unet.merged_weights`, likewise built once.
+    weights from :func:`jaxdiff.models.unet.merged_weights`, likewise built once; with
+    its cross-attention part (``"cross_kv"``) and no ``cross_kv``, the keys and values
+    are computed from it, as one product (see
+    :func:`jaxdiff.models.unet.fuse_projections`).
     ``temb_in_norm``: see :class:`~jaxdiff.models.layers.ResnetBlock2D` (the train
     step passes False).
     """
@@ -118,6 +121,10 @@ def apply_unet(
     if cross_kv is not None:
         variables[CROSS_KV] = cross_kv
     if merged is not None:
+        merged = dict(merged)
+        joined = merged.pop("cross_kv", None)
+        if joined is not None and cross_kv is None:
+            variables[CROSS_KV] = cross_attention_kv(params, context, dtype, joined=joined)
         variables[MERGED] = merged
     return model.apply(variables, x, t, context).astype(jnp.float32)
 

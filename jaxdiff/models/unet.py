@@ -34,6 +34,7 @@ from jaxdiff.models.attention import (
     MERGED,
     AttentionFn,
     Transformer2DModel,
+    joined_cross_kv_weights,
     merged_self_attention_weights,
 )
 from jaxdiff.models.layers import (
@@ -53,6 +54,7 @@ Dtype = Any
 __all__ = [
     "UNetConfig",
     "UNet2DConditionModel",
+    "fuse_projections",
     "init_unet",
     "merged_weights",
     "unet_abstract_params",
@@ -62,6 +64,16 @@ __all__ = [
 _DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _MID_BLOCK = "UNetMidBlock2DCrossAttn"
+
+# With merged weights, each resnet's time-embedding offset is a slice of one product,
+# which XLA:GPU fuses into the resnet's norm2 (the offset is added inside the
+# GroupNorm's reductions), except at the largest maps: deviceless (H200), at batch 16
+# x 64 x 64 it wrote x + offset out in fp32 for the five full-resolution resnets (84 MB
+# each; 0.27 ms of traffic per call). Held apart by an optimization barrier, those
+# slices are read as plain arrays and the add stays in the reductions. From this many
+# positions (batch x height x width of the sample); below it the barrier only adds the
+# slices' copies (4 kernels at batch 2, and in the sampler's loop at batch 8).
+_TEMB_APART_POSITIONS = 1 << 16
 
 # diffusers' defaults for the keys this UNet reads: a config.json that omits a
 # key means diffusers' default, which is not always Stable Diffusion's value
@@ -365,7 +377,7 @@ def _resnets(cfg: UNetConfig) -> list[tuple[str, int]]:
     return out
 
 
-def merged_weights(params: Mapping, config: UNetConfig) -> dict:
+def merged_weights(params: Mapping, config: UNetConfig, cross_attention: bool = False) -> dict:
     """Weights the UNet can use joined, built once for many calls (a sampler's steps).
 
     XLA's GPU compiler merges the projections that read one input into one GEMM,
@@ -377,7 +389,11 @@ def merged_weights(params: Mapping, config: UNetConfig) -> dict:
     - every resnet's ``time_emb_proj(silu(temb))`` as one product (``time_emb_kernel``
       [T, sum of the resnets' channels], ``time_emb_bias``), and
     - each self-attention's q, k and v as one product
-      (:func:`~jaxdiff.models.attention.merged_self_attention_weights`).
+      (:func:`~jaxdiff.models.attention.merged_self_attention_weights`),
+    - with ``cross_attention``, every cross-attention's keys and values as one product
+      of the context (``"cross_kv"``: :func:`~jaxdiff.models.attention.joined_cross_kv_weights`,
+      used by :func:`~jaxdiff.models.sd.apply_unet` when it is not given the keys and
+      values themselves).
 
     The products are the same; the params are not changed.
     """
@@ -394,7 +410,40 @@ def merged_weights(params: Mapping, config: UNetConfig) -> dict:
     merged = merged_self_attention_weights(params)
     merged["time_emb_kernel"] = jnp.concatenate([p["kernel"] for p in parts], axis=-1)
     merged["time_emb_bias"] = jnp.concatenate([p["bias"] for p in parts], axis=-1)
+    if cross_attention:
+        merged["cross_kv"] = joined_cross_kv_weights(params)
     return merged
+
+
+def fuse_projections(params: Mapping, config: UNetConfig) -> tuple[dict, dict]:
+    """The UNet's weights for many calls of one network: ``(params, merged)`` for
+    ``apply_unet(params, ..., merged=merged)``.
+
+    ``merged`` is ``merged_weights(params, config, cross_attention=True)``, and the
+    returned params are the given ones without what it replaces: every self-attention's
+    ``to_q``/``to_k``/``to_v``, every cross-attention's ``to_k``/``to_v`` and every
+    resnet's ``time_emb_proj``. The same products as the plain params (diffusers'
+    ``fuse_qkv_projections`` does the like), built once: XLA's GPU compiler would
+    otherwise join those weights in every call (the time embedding's alone is 52 MB at
+    SD 1.5's sizes), and a call passes 105 fewer arrays (SD 1.5: 581 against 686
+    parameter arrays), which is host time in every call. For inference only: the
+    params to train, save or convert are the plain ones.
+    """
+    merged = merged_weights(params, config, cross_attention=True)
+
+    def strip(tree: Mapping) -> dict:
+        out = {}
+        for name, sub in tree.items():
+            if name == "time_emb_proj":
+                continue
+            if isinstance(sub, Mapping):
+                drop = {"attn1": ("to_q", "to_k", "to_v"), "attn2": ("to_k", "to_v")}
+                sub = {k: v for k, v in sub.items() if k not in drop.get(name, ())}
+                sub = strip(sub)
+            out[name] = sub
+        return out
+
+    return strip(params), merged
 
 
 # Rematerialised variants: same params, activations recomputed in the backward pass.
@@ -666,6 +715,11 @@ class UNet2DConditionModel(nn.Module):
             temb = {
                 path: proj[:, end - c : end] for (path, c), end in zip(resnets, ends, strict=True)
             }
+            if b * sample.shape[1] * sample.shape[2] >= _TEMB_APART_POSITIONS:
+                n = len(cfg.block_out_channels)
+                top = ("down_blocks_0/", f"up_blocks_{n - 1}/")  # the full-resolution level
+                apart = {path: e for path, e in temb.items() if path.startswith(top)}
+                temb.update(jax.lax.optimization_barrier(apart))
 
         x = conv3x3(c0, name="conv_in", **kw)(sample.astype(self.dtype))
         skips: list[jax.Array] = [x]
