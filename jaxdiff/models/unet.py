@@ -430,6 +430,7 @@ def fuse_projections(params: Mapping, config: UNetConfig) -> tuple[dict, dict]:
     params to train, save or convert are the plain ones.
     """
     merged = merged_weights(params, config, cross_attention=True)
+    drop = {"attn1": ("to_q", "to_k", "to_v"), "attn2": ("to_k", "to_v")}
 
     def strip(tree: Mapping) -> dict:
         out = {}
@@ -437,9 +438,7 @@ def fuse_projections(params: Mapping, config: UNetConfig) -> tuple[dict, dict]:
             if name == "time_emb_proj":
                 continue
             if isinstance(sub, Mapping):
-                drop = {"attn1": ("to_q", "to_k", "to_v"), "attn2": ("to_k", "to_v")}
-                sub = {k: v for k, v in sub.items() if k not in drop.get(name, ())}
-                sub = strip(sub)
+                sub = strip({k: v for k, v in sub.items() if k not in drop.get(name, ())})
             out[name] = sub
         return out
 
