@@ -267,7 +267,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # back to back in session 11, goal 32): parameters in XLA's chosen layouts (the 98
     # conv-weight transposes, 1.1 ms of device time per call, leave) and cuDNN
     # attention for the heads of 160 (deviceless: 60 kernels and ~0.4 ms of traffic
-    # fewer per call). Predicted: ~-1.5 ms back to back, ~32.2 ms.
+    # fewer per call). Predicted: ~-1.5 ms back to back, ~32.2 ms. Since change 38 the
+    # default keeps the kernels in cuDNN's order (no transposes either): this now adds
+    # chosen layouts for whatever else XLA would move (nothing, deviceless) to the heads.
     "unet_layouts_head_256": {
         "options": {"param_layouts": True},
         "patch": ("jaxdiff.models.attention", "_CUDNN_MAX_HEAD", 256),
@@ -358,7 +360,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # per sampler step (~-20 ms per 50-step call).
     "cudnn_head_256": {
         "patch": ("jaxdiff.models.attention", "_CUDNN_MAX_HEAD", 256),
-        "items": ("unet_b16", "t2i"),
+        "items": ("unet_b2", "unet_b16", "t2i"),
         "need_s": 80.0,
     },
     # GEGLU's projection and gate as one Pallas (Triton) kernel that writes only the
@@ -394,6 +396,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # 12 input/skip concatenations become kernels of their own); the sampler's loop
     # 752 -> 764 kernels per step, so not for the sampler. For the batch-2 call goal,
     # where each kernel costs ~11 us of a call: predicted -0.2 to -0.4 ms per call.
+    # Since change 38 (kernels in cuDNN's order, no transposes) only the concatenations
+    # are left of its effect: deviceless b2 759 -> 771 kernels, b16 764 -> 782.
     "conv1x1_dot": {
         "patch": ("jaxdiff.models.layers", "_GPU_1X1_DOT", True),
         "items": ("unet_b2", "unet_b16"),
@@ -413,17 +417,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "items": ("unet_b2", "unet_b16"),
         "need_s": 70.0,
     },
+    # The UNet items with the convolution kernels in Flax's [H, W, I, O], as before
+    # change 38: XLA transposes each of the 98 into cuDNN's [O, H, W, I] in every call.
+    # Kept as [O, H, W, I] (unet.ohwi_kernels) and turned back inside the program, the
+    # transpose is a relabelling. Deviceless (H200), this -> the default: UNet b2 857 ->
+    # 759 kernels per call, b16 862 -> 764, 0.49 ms less traffic per call each (what
+    # param_layouts does, with a plain jit). Predicted: b16 -0.6 to -1.1 ms per call
+    # (session 11's profile: the transposes took 1.09 ms), b2 -0.3 to -0.6 ms.
+    "unet_hwio_kernels": {
+        "options": {"ohwi_kernels": False},
+        "items": ("unet_b2", "unet_b16"),
+        "need_s": 70.0,
+    },
     # Every candidate at once, for when each has paid alone (run when named): the
     # sampler with cuDNN attention for heads of 160, no Triton GEMMs and both Pallas
-    # kernels, and the UNet with those kernels, the heads, the 1x1 convolutions as dots
-    # and its chosen layouts (their patches: those of the experiments they join, below).
+    # kernels, and the UNet with those kernels and the heads (their patches: those of
+    # the experiments they join, below). The UNet's kernel transposes are gone from the
+    # default since change 38, so its chosen layouts and the 1x1 convolutions as dots
+    # are no longer candidates (deviceless, the dots now add 12-18 kernels per call).
     "t2i_all_candidates": {
         "items": ("t2i",),
         "need_s": 60.0,
         "default": False,
     },
     "unet_all_candidates": {
-        "options": {"param_layouts": True},
         "items": ("unet_b2", "unet_b16"),
         "need_s": 80.0,
         "default": False,
@@ -949,7 +966,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     from jaxdiff.models.attention import ENV_ATTENTION
     from jaxdiff.models.autoencoder import vae_decode
     from jaxdiff.models.sd import abstract_params, apply_unet
-    from jaxdiff.models.unet import UNet2DConditionModel, fuse_projections
+    from jaxdiff.models.unet import UNet2DConditionModel, fuse_projections, ohwi_kernels
     from jaxdiff.pipeline import StableDiffusion, inference_param_dtype
     from jaxdiff.tokenizer import save_clip_tokenizer
     from jaxdiff.train import step as train_step_module
@@ -986,18 +1003,25 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
     info["attention"] = os.environ.get(ENV_ATTENTION, "auto")
 
     # The UNet's weights as a program calling it many times keeps them: the projections
-    # XLA would join in every call joined once (fuse_projections, change 37), unless the
-    # "fused_projections" option says otherwise (the experiment unet_unfused).
-    if runner.options.get("fused_projections", True):
+    # XLA would join in every call joined once (fuse_projections, change 37) and the
+    # convolution kernels in cuDNN's order (ohwi_kernels, change 38), unless the
+    # "fused_projections" / "ohwi_kernels" options say otherwise (the experiments
+    # unet_unfused and unet_hwio_kernels).
+    fused = runner.options.get("fused_projections", True)
+    ohwi = runner.options.get("ohwi_kernels", True)
+    if fused:
         unet_weights = jax.jit(fuse_projections, static_argnums=1)(params16["unet"], config.unet)
-        info["unet_weights"] = "fused projections"
     else:
         unet_weights = (params16["unet"], None)
-        info["unet_weights"] = "plain"
+    if ohwi:
+        unet_weights = (jax.jit(ohwi_kernels)(unet_weights[0]), unet_weights[1])
+    info["unet_weights"] = ", ".join(
+        ["fused projections" if fused else "plain", "OHWI kernels" if ohwi else "HWIO kernels"]
+    )
 
     def unet_apply(w, x, t, ctx):
         p, merged = w
-        return apply_unet(p, x, t, ctx, config, bf16, merged=merged)
+        return apply_unet(p, x, t, ctx, config, bf16, merged=merged, ohwi_kernels=ohwi)
 
     # The attention kernel is picked (from JAXDIFF_ATTENTION) when this is traced.
     unet_fn = jax.jit(unet_apply)
@@ -1344,7 +1368,7 @@ VARIANTS["t2i_all_candidates"]["patches"] = _joined_patches(
     "t2i_cold_candidate", "geglu_fused", "groupnorm_pallas"
 )
 VARIANTS["unet_all_candidates"]["patches"] = _joined_patches(
-    "unet_layouts_head_256", "geglu_fused", "groupnorm_pallas", "conv1x1_dot"
+    "cudnn_head_256", "geglu_fused", "groupnorm_pallas"
 )
 
 

@@ -85,6 +85,7 @@ ITEMS = ("unet_b2", "unet_b16", "vae_decode", "t2i", "train_step")
 # the timing ones change no program.
 _MODELLED_OPTIONS = {
     "fused_projections",
+    "ohwi_kernels",
     "split_programs",
     "compiler_options",
     "progress",
@@ -316,7 +317,7 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     from jaxdiff import pipeline
     from jaxdiff.models.autoencoder import vae_decode
     from jaxdiff.models.sd import abstract_params, apply_unet
-    from jaxdiff.models.unet import fuse_projections
+    from jaxdiff.models.unet import fuse_projections, ohwi_kernels
     from jaxdiff.train.step import init_state, jit_train_step, make_train_step
 
     rep = NamedSharding(mesh, PartitionSpec())
@@ -335,14 +336,23 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
     )
 
     if item.startswith("unet"):
-        # As gpu.py's UNet items: the projections joined once (fuse_projections).
-        weights = (params16["unet"], None)
-        if options.get("fused_projections", True):
-            fused = jax.eval_shape(lambda p: fuse_projections(p, config.unet), params16["unet"])
-            weights = jax.tree.map(lambda s: arr(s.shape, s.dtype), fused)
+        # As gpu.py's UNet items: the projections joined once (fuse_projections), the
+        # convolution kernels in cuDNN's order (ohwi_kernels).
+        ohwi = options.get("ohwi_kernels", True)
+
+        def weights_of(p):
+            w = (
+                fuse_projections(p, config.unet)
+                if options.get("fused_projections", True)
+                else (p, None)
+            )
+            return (ohwi_kernels(w[0]), w[1]) if ohwi else w
+
+        weights = jax.eval_shape(weights_of, params16["unet"])
+        weights = jax.tree.map(lambda s: arr(s.shape, s.dtype), weights)
 
         def unet(w, x, t, ctx):
-            return apply_unet(w[0], x, t, ctx, config, bf16, merged=w[1])
+            return apply_unet(w[0], x, t, ctx, config, bf16, merged=w[1], ohwi_kernels=ohwi)
 
         ctx_dim = cfg["unet"]["cross_attention_dim"]
         args = (

@@ -144,8 +144,10 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     dispatch = report["results"]["jaxdiff"]["info"]["dispatch_ms"]
     kinds = {"unet_params_pruned", "unet_params_kept", "unet_weights_kept", "no_params"}
     assert set(dispatch) == kinds
-    # The UNet items call it with its projections joined once (fuse_projections).
-    assert report["results"]["jaxdiff"]["info"]["unet_weights"] == "fused projections"
+    # The UNet items call it with its projections joined once (fuse_projections) and
+    # its convolution kernels in cuDNN's order (ohwi_kernels).
+    weights = report["results"]["jaxdiff"]["info"]["unet_weights"]
+    assert weights == "fused projections, OHWI kernels"
     assert all(v > 0 for v in dispatch.values())
     # Where the worker's time went, stage by stage, in order.
     timeline = report["results"]["jaxdiff"]["info"]["timeline"]

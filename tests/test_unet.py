@@ -44,6 +44,7 @@ from jaxdiff.models.unet import (  # noqa: E402
     fuse_projections,
     init_unet,
     merged_weights,
+    ohwi_kernels,
     unet_abstract_params,
 )
 from jaxdiff.weights.common import (  # noqa: E402
@@ -420,6 +421,42 @@ def test_fused_projections_match_diffusers(name, k, torch_unets, monkeypatch):
     bad = dict(merged, cross_kv={"kernel": merged["cross_kv"]["kernel"][:, :-2]})
     with pytest.raises(ValueError, match="cross_attention_kv: joined kernel"):
         given(fused, bad, xh)
+
+
+def test_ohwi_kernels_same_numbers(torch_unets):
+    # Convolution kernels kept in cuDNN's [O, H, W, I] and turned back inside the call:
+    # every 4-D kernel (and nothing else) permuted, the inverse exact, and the same
+    # output as Flax's order, with plain and with fused projections.
+    tm = torch_unets["sd1"]
+    cfg, params, x, t, ctx, ref = _precomputed_case(tm, "sd1", 2, 14)
+    laid = ohwi_kernels(params)
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(laid), strict=True)
+    n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in tm.modules())
+    seen = 0
+    for a, b in pairs:
+        if a.ndim == 4:
+            seen += 1
+            assert b.shape == (a.shape[3], *a.shape[:3])
+            np.testing.assert_array_equal(np.asarray(b), np.transpose(np.asarray(a), (3, 0, 1, 2)))
+        else:
+            assert b is a
+    assert seen == n_conv
+    back = ohwi_kernels(laid, inverse=True)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    sd = type("SD", (), {"unet": cfg})
+    xh = x.transpose(0, 2, 3, 1)
+    call = jax.jit(
+        lambda p, m, x, o: apply_unet(p, x, t, ctx, sd, merged=m, ohwi_kernels=o),
+        static_argnums=3,
+    )
+    want = np.asarray(call(params, None, xh, False))
+    np.testing.assert_allclose(np.asarray(call(laid, None, xh, True)), want, rtol=0, atol=1e-6)
+    fused, merged = fuse_projections(params, cfg)
+    out = np.asarray(call(ohwi_kernels(fused), merged, xh, True)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(out, want.transpose(0, 3, 1, 2), rtol=0, atol=1e-5)
+    assert float(np.max(np.abs(out - ref))) <= TOL
 
 
 def _reverse_keys(tree):

@@ -26,6 +26,7 @@ from jaxdiff.models.autoencoder import (
 )
 from jaxdiff.models.clip import CLIPTextConfig, abstract_clip_params, clip_encode, init_clip
 from jaxdiff.models.unet import UNet2DConditionModel, UNetConfig, init_unet, unet_abstract_params
+from jaxdiff.models.unet import ohwi_kernels as unet_ohwi_kernels
 from jaxdiff.schedules import SchedulerConfig
 
 Dtype = Any
@@ -100,6 +101,7 @@ def apply_unet(
     cross_kv: dict | None = None,
     temb_in_norm: bool | None = None,
     merged: dict | None = None,
+    ohwi_kernels: bool = False,
 ) -> jax.Array:
     """The network output (eps, v or x0 per the scheduler config) in float32.
 
@@ -114,9 +116,12 @@ def apply_unet(
     are computed from it, as one product (see
     :func:`jaxdiff.models.unet.fuse_projections`).
     ``temb_in_norm``: see :class:`~jaxdiff.models.layers.ResnetBlock2D` (the train
-    step passes False).
+    step passes False). ``ohwi_kernels``: ``params``' convolution kernels are
+    [O, H, W, I] (:func:`jaxdiff.models.unet.ohwi_kernels`; for GPUs).
     """
     model = UNet2DConditionModel(config.unet, dtype=dtype, remat=remat, temb_in_norm=temb_in_norm)
+    if ohwi_kernels:
+        params = unet_ohwi_kernels(params, inverse=True)
     variables = {"params": params}
     if cross_kv is not None:
         variables[CROSS_KV] = cross_kv

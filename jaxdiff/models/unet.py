@@ -57,6 +57,7 @@ __all__ = [
     "fuse_projections",
     "init_unet",
     "merged_weights",
+    "ohwi_kernels",
     "unet_abstract_params",
 ]
 
@@ -443,6 +444,23 @@ def fuse_projections(params: Mapping, config: UNetConfig) -> tuple[dict, dict]:
         return out
 
     return strip(params), merged
+
+
+def ohwi_kernels(params: Any, inverse: bool = False) -> Any:
+    """Every convolution kernel of ``params`` (the 4-D arrays, [H, W, I, O] in Flax)
+    as [O, H, W, I], the order cuDNN's NHWC convolution reads; ``inverse`` turns them
+    back.
+
+    For a GPU program that calls the UNet many times: keep the params this way and
+    pass ``apply_unet(..., ohwi_kernels=True)``, which turns them back inside the
+    program. XLA then makes that transpose a relabelling of the same bytes, where with
+    Flax's order it transposes every kernel in every call (SD 1.5: 98 kernels, 0.49 ms
+    of memory traffic per call on an H200; deviceless, ``benchmarks/NOTES.md``,
+    session 20). The effect of :func:`jaxdiff.layouts.compile_with_layouts` on the
+    kernels, with a plain ``jax.jit``. XLA:CPU reads Flax's order, so not for CPUs.
+    """
+    order = (1, 2, 3, 0) if inverse else (3, 0, 1, 2)
+    return jax.tree.map(lambda a: jnp.transpose(a, order) if a.ndim == 4 else a, params)
 
 
 # Rematerialised variants: same params, activations recomputed in the backward pass.
