@@ -44,6 +44,7 @@ Run (CPU, smoke, tiny shapes):  python -m benchmarks.gpu --tiny --out /tmp/gpu-t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gzip
 import importlib
@@ -128,6 +129,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # kernels per step and +1.7 ms of traffic. Predicted for the default: -1.5 to -2.5 ms
     # per step.
     "train_pin_before_clip": _train_switch("jaxdiff.train.optim", "_PIN_AFTER_CLIP", False),
+    # The UNet's convolution kernels kept in cuDNN's [O, H, W, I] order in the train
+    # state (StepConfig.ohwi_kernels; change 38's form for training, not yet wired into
+    # the training loop): the forward reads them as they are and cuDNN's weight
+    # gradients come out in the params' own order, so no kernel or gradient is
+    # transposed. Deviceless (H200): 4927 -> 4829 kernels and 17.27 -> 16.29 ms of
+    # non-library traffic per step (the optimizer's update kernels 707 -> 611). Predicted:
+    # -1.5 to -2.5 ms per step (transposed reads run below the bandwidth).
+    "train_ohwi_kernels": {
+        "options": {"profile_files": True, "train_ohwi_kernels": True},
+        "items": ("train_step",),
+        "need_s": 150.0,
+    },
     # Change 33's A/B: clipping and AdamW leaf by leaf again, the small leaves not packed
     # (train.optim._PACK_SMALL_BELOW = 0; the default packs the 406 UNet leaves under
     # 2^14 elements into one vector: 810 fewer moment arrays to donate, and deviceless
@@ -1174,6 +1187,12 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
 
     if runner.wants("train_step"):
         tx, step_cfg = train_setup(params32["unet"], bf16)
+        # The experiment train_ohwi_kernels: the UNet's conv kernels in cuDNN's order in
+        # the state (StepConfig.ohwi_kernels).
+        train_params = params32
+        if runner.options.get("train_ohwi_kernels"):
+            step_cfg = dataclasses.replace(step_cfg, ohwi_kernels=True)
+            train_params = dict(params32, unet=jax.jit(ohwi_kernels)(params32["unet"]))
         inp = _inputs(cfg, "train_step")
         batch = {
             "latents": jnp.asarray(_nhwc(inp["latents"])),
@@ -1183,7 +1202,7 @@ def _worker_jaxdiff(cfg: dict, runner: _Runner, work: Path) -> None:
         train = {}
 
         def build_step():
-            train["state"] = init_state(params32, tx, step_cfg, jax.random.key(0))
+            train["state"] = init_state(train_params, tx, step_cfg, jax.random.key(0))
             # As the training loop jits it: the frozen VAE and CLIP params not donated.
             train["step"] = jit_train_step(make_train_step(config, step_cfg, tx), ("unet",))
             train.pop("compiled", None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import importlib
 import json
@@ -86,6 +87,7 @@ ITEMS = ("unet_b2", "unet_b16", "vae_decode", "t2i", "train_step")
 _MODELLED_OPTIONS = {
     "fused_projections",
     "ohwi_kernels",
+    "train_ohwi_kernels",
     "split_programs",
     "compiler_options",
     "progress",
@@ -369,6 +371,9 @@ def lowered_programs(item: str, cfg: dict, mesh: Any, options: dict) -> dict[str
         return {"decode": jax.jit(decode).lower(params16["vae"], arr((batch, side, side, 4), f32))}
     if item == "train_step":
         tx, step_cfg = train_setup(params["unet"], bf16)
+        if options.get("train_ohwi_kernels"):  # as gpu.py's experiment of that name
+            step_cfg = dataclasses.replace(step_cfg, ohwi_kernels=True)
+            params = dict(params, unet=jax.eval_shape(ohwi_kernels, params["unet"]))
         state = jax.eval_shape(lambda p: init_state(p, tx, step_cfg, jax.random.key(0)), params)
         rng = jax.eval_shape(lambda: jax.random.key(1))
         inputs = {"latents": arr((batch, side, side, 4), f32), "input_ids": arr((batch, 77), i32)}

@@ -20,8 +20,9 @@ import pytest
 from benchmarks import gpu
 from jaxdiff import layouts, parallel
 from jaxdiff.models.sd import abstract_params
+from jaxdiff.models.unet import ohwi_kernels
 from jaxdiff.train import optim
-from jaxdiff.train.step import init_state, jit_train_step, make_train_step
+from jaxdiff.train.step import StepConfig, init_state, jit_train_step, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +218,33 @@ def test_small_leaves_packed(setup, default_run, library_run):
     assert plain["all-gather"] > 0
     for op, n in with_packing.items():
         assert n <= plain[op], (op, with_packing, plain)
+
+
+def test_ohwi_kernel_state(setup):
+    # The UNet's convolution kernels kept in cuDNN's order in the state
+    # (StepConfig.ohwi_kernels), FSDP-sharded by their new shapes: the same gradients.
+    # Compared through two plain SGD steps, linear in the gradients (AdamW's first
+    # steps are ~lr * sign(gradient), which a reordered sum flips where it is ~0).
+    config, params, batch, mesh = setup
+    tx = optax.sgd(1e-2)
+    out = {}
+    for ohwi in (False, True):
+        step_cfg = StepConfig(trainable=("unet",), ema_decay=None, ohwi_kernels=ohwi)
+        fresh = jax.tree.map(jnp.copy, params)
+        if ohwi:
+            fresh = dict(fresh, unet=ohwi_kernels(fresh["unet"]))
+        state = init_state(fresh, tx, step_cfg, jax.random.key(0))
+        state = jax.device_put(state, parallel.param_shardings(state, mesh, MIN_SIZE))
+        step = jit_train_step(make_train_step(config, step_cfg, tx), step_cfg.trainable)
+        for _ in range(2):
+            state, metrics = step(state, batch, jax.random.key(1))
+        unet = state.params["unet"]
+        out[ohwi] = (ohwi_kernels(unet, inverse=True) if ohwi else unet, float(metrics["loss"]))
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-6)
+    start = jax.tree.leaves(params["unet"])
+    for a, b, a0 in zip(*(jax.tree.leaves(out[k][0]) for k in (True, False)), start, strict=True):
+        assert a.ndim != 4 or not np.array_equal(b, a0)  # every conv kernel moved
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_vae_step_pins_gradients_to_the_same_step(setup):

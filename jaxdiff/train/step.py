@@ -56,6 +56,11 @@ class StepConfig:
       ema_warmup: ramp the EMA decay up as (1 + step) / (10 + step).
       remat: rematerialise UNet blocks in the backward pass.
       sample_posterior: sample the VAE posterior (diffusers' training) instead of its mode.
+      ohwi_kernels: the UNet params' convolution kernels are [O, H, W, I]
+        (:func:`jaxdiff.models.unet.ohwi_kernels`), the order cuDNN reads them and
+        writes their gradients in: a GPU step then transposes none of them. The state
+        (checkpoints, EMA) holds that order too; the training loop does not set this
+        (an experiment of ``benchmarks/gpu.py`` so far: ``train_ohwi_kernels``).
     """
 
     trainable: tuple[str, ...] = ("unet",)
@@ -68,6 +73,7 @@ class StepConfig:
     ema_warmup: bool = True
     remat: bool = False
     sample_posterior: bool = True
+    ohwi_kernels: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.cond_dropout <= 1.0:
@@ -146,7 +152,15 @@ def diffusion_loss(
     # The time embedding added after conv1: in the backward pass the add inside norm2
     # costs more than it saves (see layers._TEMB_IN_NORM).
     pred = apply_unet(
-        params["unet"], x_t, t, context, config, dtype, step_cfg.remat, temb_in_norm=False
+        params["unet"],
+        x_t,
+        t,
+        context,
+        config,
+        dtype,
+        step_cfg.remat,
+        temb_in_norm=False,
+        ohwi_kernels=step_cfg.ohwi_kernels,
     )
     target = schedules.training_target(prediction_type, latents, noise, t, alphas_cumprod)
     per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
