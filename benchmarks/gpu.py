@@ -100,6 +100,12 @@ def _train_switch(module: str, switch: str, value: Any, **more: Any) -> dict[str
     }
 
 
+def _unet_option(need_s: float = 70.0, **options: Any) -> dict[str, Any]:
+    """An experiment on the UNet items alone: worker options that change how the
+    UNet is called (its weights' form), both batch sizes."""
+    return {"options": options, "items": ("unet_b2", "unet_b16"), "need_s": need_s}
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
     # Measured results (H200, sessions 8 to 11) are in benchmarks/NOTES.md.
     #
@@ -271,11 +277,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # pipeline's param_layouts=True). Session 9: the 98 per-call kernel transposes
     # (1.1 ms of GPU time per call) were gone, the wall time was not lower (b2 10.4 vs
     # 10.3 ms, b16 36.5 vs 35.5 ms, across processes); the rerun is in one run.
-    "param_layouts": {
-        "options": {"param_layouts": True},
-        "items": ("unet_b2", "unet_b16"),
-        "need_s": 80.0,
-    },
+    "param_layouts": _unet_option(80.0, param_layouts=True),
     # The UNet as fast as the library can run it today, for the batch-16 goal (33.7 ms
     # back to back in session 11, goal 32): parameters in XLA's chosen layouts (the 98
     # conv-weight transposes, 1.1 ms of device time per call, leave) and cuDNN
@@ -422,14 +424,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # 52 MB), slices the merged products apart, and the call passes 686 parameter
     # arrays instead of 581. Deviceless (H200), this -> the default: UNet b2 934 -> 857
     # kernels per call, 1.20 -> 1.13 ms of non-library traffic (714 -> 635 kernels with
-    # every candidate); b16 915 -> 862 kernels, 3.68 -> 3.62 ms. Predicted for the
+    # session 19's every candidate); b16 915 -> 862 kernels, 3.68 -> 3.62 ms. Predicted for the
     # default: b2 -0.4 to -0.7 ms per call (kernels, traffic and host time), b16 -0.2
     # to -0.4 ms.
-    "unet_unfused": {
-        "options": {"fused_projections": False},
-        "items": ("unet_b2", "unet_b16"),
-        "need_s": 70.0,
-    },
+    "unet_unfused": _unet_option(fused_projections=False),
     # The UNet items with the convolution kernels in Flax's [H, W, I, O], as before
     # change 38: XLA transposes each of the 98 into cuDNN's [O, H, W, I] in every call.
     # Kept as [O, H, W, I] (unet.ohwi_kernels) and turned back inside the program, the
@@ -437,11 +435,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # 759 kernels per call, b16 862 -> 764, 0.49 ms less traffic per call each (what
     # param_layouts does, with a plain jit). Predicted: b16 -0.6 to -1.1 ms per call
     # (session 11's profile: the transposes took 1.09 ms), b2 -0.3 to -0.6 ms.
-    "unet_hwio_kernels": {
-        "options": {"ohwi_kernels": False},
-        "items": ("unet_b2", "unet_b16"),
-        "need_s": 70.0,
-    },
+    "unet_hwio_kernels": _unet_option(ohwi_kernels=False),
     # Every candidate at once, for when each has paid alone (run when named): the
     # sampler with cuDNN attention for heads of 160, no Triton GEMMs and both Pallas
     # kernels, and the UNet with those kernels and the heads (their patches: those of
