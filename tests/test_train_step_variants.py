@@ -42,6 +42,19 @@ def setup():
 MIN_SIZE = 64
 
 
+def _sharded(state, mesh):
+    """(the state placed on the FSDP mesh, ``jit_train_step``'s sharding kwargs).
+
+    The steps are jitted with these shardings in and out, as the training loop jits
+    them: without out-shardings XLA may return a small leaf sharded where the input
+    had it replicated, and the second step would compile the program again.
+    """
+    shardings = parallel.param_shardings(state, mesh, MIN_SIZE)
+    rep = parallel.replicated(mesh)  # the tests' batch of 2 does not split 8 ways
+    kw = dict(state_shardings=shardings, batch_sharding=rep, replicated=rep)
+    return jax.device_put(state, shardings), kw
+
+
 def _two_steps(setup, frozen_apart=False):
     """(lowered text, UNet params after two steps, last loss, optimizer state leaves).
 
@@ -53,11 +66,18 @@ def _two_steps(setup, frozen_apart=False):
     tx, step_cfg = gpu.train_setup(params["unet"], jnp.bfloat16, MIN_SIZE)
     fresh = jax.tree.map(jnp.copy, params)  # (the step donates the state)
     state = init_state(fresh, tx, step_cfg, jax.random.key(0))
-    state = jax.device_put(state, parallel.param_shardings(state, mesh, MIN_SIZE))
+    state, shardings = _sharded(state, mesh)
     if frozen_apart:
-        step = jit_train_step(make_train_step(config, step_cfg, tx), step_cfg.trainable)
+        step = jit_train_step(
+            make_train_step(config, step_cfg, tx), step_cfg.trainable, **shardings
+        )
     else:
-        step = jax.jit(make_train_step(config, step_cfg, tx), donate_argnums=0)
+        step = jax.jit(
+            make_train_step(config, step_cfg, tx),
+            donate_argnums=0,
+            in_shardings=(shardings["state_shardings"], *[shardings["replicated"]] * 2),
+            out_shardings=(shardings["state_shardings"], shardings["replicated"]),
+        )
     text = step.lower(state, batch, jax.random.key(1)).as_text()
     for _ in range(2):
         before = state
@@ -234,8 +254,10 @@ def test_ohwi_kernel_state(setup):
         if ohwi:
             fresh = dict(fresh, unet=ohwi_kernels(fresh["unet"]))
         state = init_state(fresh, tx, step_cfg, jax.random.key(0))
-        state = jax.device_put(state, parallel.param_shardings(state, mesh, MIN_SIZE))
-        step = jit_train_step(make_train_step(config, step_cfg, tx), step_cfg.trainable)
+        state, shardings = _sharded(state, mesh)
+        step = jit_train_step(
+            make_train_step(config, step_cfg, tx), step_cfg.trainable, **shardings
+        )
         for _ in range(2):
             state, metrics = step(state, batch, jax.random.key(1))
         unet = state.params["unet"]

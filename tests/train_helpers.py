@@ -46,16 +46,33 @@ def straight_tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     return _STRAIGHT["run"]
 
 
+def compile_cache_env() -> dict[str, str]:
+    """Environment variables that point a subprocess's jax at the suite's compile cache
+    (``tests/conftest.py`` sets the same for this process)."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
-    """Environment of a ``jaxdiff`` subprocess: fake CPU devices and the shared compile cache."""
+    """Environment of a ``jaxdiff`` subprocess: fake CPU devices and the shared compile cache.
+
+    The suite's other XLA flags (``tests/conftest.py``) go along: the subprocess must
+    compile the same machine code as this process for its runs to match bit for bit.
+    """
     env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(CACHE),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         PYTHONUNBUFFERED="1",
+        **compile_cache_env(),
     )
     env.update(extra)
     return env
