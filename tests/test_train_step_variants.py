@@ -72,11 +72,12 @@ def _two_steps(setup, frozen_apart=False):
             make_train_step(config, step_cfg, tx), step_cfg.trainable, **shardings
         )
     else:
+        state_sh, rep = shardings["state_shardings"], shardings["replicated"]
         step = jax.jit(
             make_train_step(config, step_cfg, tx),
             donate_argnums=0,
-            in_shardings=(shardings["state_shardings"], *[shardings["replicated"]] * 2),
-            out_shardings=(shardings["state_shardings"], shardings["replicated"]),
+            in_shardings=(state_sh, rep, rep),
+            out_shardings=(state_sh, rep),
         )
     text = step.lower(state, batch, jax.random.key(1)).as_text()
     for _ in range(2):
